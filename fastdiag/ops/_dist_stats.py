@@ -1,0 +1,241 @@
+"""``dist_stats``: every row statistic of a distribution tensor in one read.
+
+The last axis of ``x`` is a distribution (probabilities, or logits with ``from_logits=True``).
+One pass produces per-row statistics (on request) and reduced float64 sums over the valid
+rows, so a diagnostics class turns an [B, H, N, Nk] attention tensor into entropy, top-1,
+top-k, sparsity, support, row-sum error, causal and local mass without a second read and
+without a host synchronisation.
+
+Canonical form shared by every backend: the wrapper views ``x`` as ``x4`` of shape
+[A, G, C, N] (G = the ``reduce_dim`` axis, averaged while reading, e.g. heads; G = 1 without
+``reduce_dim``). Row ``r = a * C + c`` is the distribution ``mean_g x4[a, g, c, :]``
+(``mean_g softmax(x4[a, g, c, :])`` for logits). ``i = r % query_len`` is the row's index
+along the last leading axis, used for future mass (keys ``j > i + query_offset``) and local
+mass (``|j - (i + query_offset)| <= window``).
+
+A row is *valid* when ``row_mask`` allows it and it is finite: for probabilities every entry
+of every head is finite; for logits no entry is NaN or +inf and the row max of each head is
+not -inf. Invalid rows are counted (``Slot.NONFINITE`` / ``Slot.MASKED``) and excluded from
+every other sum; their per-row outputs are NaN and their top-k indices -1.
+
+Definitions, per valid row ``p`` of length N: ``entropy = -sum_{p_j > 0} p_j log p_j``
+(nats, 0 log 0 = 0, non-positive entries contribute 0), ``max = max_j p_j``,
+``topk`` = indices of the k largest entries, descending, ties to the lower index,
+``sumsq = sum_j p_j^2``, ``gt_tau = #{j: p_j > tau}``, ``gt_eps = #{j: p_j > eps}``,
+``rowsum_err = |sum_j p_j - 1|``, ``abs_dev = mean_j |p_j - 1/N|``.
+Per head g (only meaningful with ``reduce_dim``) the same entropy / max / gt_tau / sumsq
+of the head's own row ``x4[a, g, c, :]`` (softmaxed for logits).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+class Slot:
+    """Slots of ``DistStats.sums`` (float64 [Slot.NUM]); every backend writes exactly these."""
+
+    COUNT = 0  # valid rows
+    ENTROPY = 1  # sum of row entropy
+    ENTROPY_SQ = 2  # sum of row entropy^2
+    MAX = 3  # sum of row max (top-1)
+    MAX_SQ = 4  # sum of row max^2
+    SUMSQ = 5  # sum over rows of sum_j p_j^2
+    GT_TAU = 6  # entries > tau
+    GT_EPS = 7  # entries > eps
+    ROWSUM_ERR = 8  # sum of |rowsum - 1|
+    ROWSUM_ERR_MAX = 9  # max of |rowsum - 1|  (max-reduced, 0 when no valid row)
+    FUTURE = 10  # sum of future mass
+    FUTURE_MAX = 11  # max of future mass  (max-reduced, 0 when no valid row)
+    LOCAL = 12  # sum of local mass (0 when window is None)
+    ABS_DEV = 13  # sum of mean_j |p_j - 1/N|
+    NONFINITE = 14  # rows excluded for non-finite entries (mask-allowed rows only)
+    MASKED = 15  # rows excluded by row_mask
+    NUM = 16
+    MAX_REDUCED = (ROWSUM_ERR_MAX, FUTURE_MAX)
+
+
+class HeadSlot:
+    """Columns of ``DistStats.head_sums`` [G, HeadSlot.NUM] (float64 sums over valid rows)."""
+
+    ENTROPY = 0
+    MAX = 1
+    GT_TAU = 2
+    SUMSQ = 3
+    NUM = 4
+
+
+class RowSlot:
+    """Columns of ``DistStats.rows`` [*L, RowSlot.NUM] (float32, NaN for invalid rows)."""
+
+    ENTROPY = 0
+    MAX = 1
+    GT_EPS = 2
+    SUMSQ = 3
+    NUM = 4
+
+
+MAX_TOPK = 16
+
+
+class DistStats(NamedTuple):
+    """Result of :func:`dist_stats` (all tensors on the input's device).
+
+    sums:      float64 [Slot.NUM], see :class:`Slot`.
+    head_sums: float64 [G, HeadSlot.NUM] per entry of ``reduce_dim`` (G = 1 without it).
+    rows:      float32 [*L, RowSlot.NUM] when ``rows=True``, else [0, RowSlot.NUM];
+               L = leading shape of ``x`` without the reduced axis.
+    topk:      int64 [*L, k] top-k indices (k = ``topk``; [*L, 0] when topk = 0).
+    """
+
+    sums: Tensor
+    head_sums: Tensor
+    rows: Tensor
+    topk: Tensor
+
+
+def _canonical(x: Tensor, reduce_dim: int | None) -> tuple[Tensor, list[int]]:
+    """View ``x`` as [A, G, C, N] (copying only when the leading dims cannot merge)."""
+    nd = x.dim()
+    n = x.shape[-1]
+    if reduce_dim is None:
+        lead = list(x.shape[:-1])
+        rows = 1
+        for s in lead:
+            rows *= s
+        try:
+            x4 = x.view(1, 1, rows, n)
+        except RuntimeError:
+            x4 = x.reshape(1, 1, rows, n)
+        return x4, lead
+    rd = reduce_dim % nd
+    before = x.shape[:rd]
+    between = x.shape[rd + 1 : nd - 1]
+    a = 1
+    for s in before:
+        a *= s
+    c = 1
+    for s in between:
+        c *= s
+    try:
+        x4 = x.view(a, x.shape[rd], c, n)
+    except RuntimeError:
+        x4 = x.reshape(a, x.shape[rd], c, n)
+    return x4, list(before) + list(between)
+
+
+def _validate(
+    x: Tensor,
+    reduce_dim: int | None,
+    topk: int,
+    row_mask: Tensor | None,
+    window: int | None,
+) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(
+            f"x must be float32, bfloat16, float16 or float64, got dtype {x.dtype} (shape {tuple(x.shape)})"
+        )
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., N), got shape {tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last axis, got shape {tuple(x.shape)}")
+    if reduce_dim is not None:
+        if isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int):
+            raise TypeError(f"reduce_dim must be an int or None, got {type(reduce_dim).__name__}")
+        if not -x.dim() <= reduce_dim < x.dim() or reduce_dim % x.dim() == x.dim() - 1:
+            raise ValueError(
+                f"reduce_dim must name a leading axis of x with shape {tuple(x.shape)} "
+                f"(in [-{x.dim()}, {x.dim() - 2}] and not the last axis), got {reduce_dim}"
+            )
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise TypeError(f"topk must be an int, got {type(topk).__name__}")
+    if not 0 <= topk <= MAX_TOPK or topk > x.shape[-1]:
+        raise ValueError(
+            f"topk must be in [0, min({MAX_TOPK}, N={x.shape[-1]})] for x of shape "
+            f"{tuple(x.shape)}, got {topk}"
+        )
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+        raise ValueError(f"window must be a non-negative int or None, got {window!r}")
+    if row_mask is not None:
+        if not isinstance(row_mask, Tensor):
+            raise TypeError(f"row_mask must be a torch.Tensor or None, got {type(row_mask).__name__}")
+        lead = list(x.shape[:-1])
+        if reduce_dim is not None:
+            del lead[reduce_dim % x.dim()]
+        if list(row_mask.shape) != lead:
+            raise ValueError(
+                f"row_mask must have the leading shape of x without the reduced axis, {tuple(lead)}, "
+                f"got {tuple(row_mask.shape)}"
+            )
+        if row_mask.device != x.device:
+            raise ValueError(f"row_mask must be on {x.device}, got {row_mask.device}")
+
+
+def dist_stats(
+    x: Tensor,
+    *,
+    from_logits: bool = False,
+    reduce_dim: int | None = None,
+    topk: int = 0,
+    tau: float = 0.1,
+    eps: float = 1e-6,
+    row_mask: Tensor | None = None,
+    window: int | None = None,
+    query_offset: int = 0,
+    rows: bool = False,
+) -> DistStats:
+    """Row statistics of the distributions on the last axis of ``x``, read once.
+
+    x:        [..., N] probabilities (or logits with ``from_logits=True``), any strides,
+              float32 / bfloat16 / float16 (float64 accepted, computed in float32).
+    reduce_dim: a leading axis averaged while reading (e.g. heads of [B, H, N, Nk]).
+    topk:     0..16 indices per row (descending, ties to the lower index).
+    tau, eps: thresholds of the sparsity (> tau) and support (> eps) counts.
+    row_mask: bool [*L]; False rows are padding, ignored everywhere.
+    window:   local-mass half width (|j - i| <= window); None skips local mass.
+    query_offset: key index of query 0 (KV-cache offset) for future / local mass.
+    rows:     also return per-row entropy / max / support / sumsq.
+
+    Returns :class:`DistStats`; nothing is copied to the host.
+    """
+    _validate(x, reduce_dim, topk, row_mask, window)
+    x4, lead = _canonical(x, reduce_dim)
+    nrows = x4.shape[0] * x4.shape[2]
+    mask = None
+    if row_mask is not None:
+        mask = row_mask.reshape(nrows).to(torch.bool)
+    query_len = lead[-1] if lead else 1
+    from fastdiag.ops import _dist_stats_dispatch  # noqa: PLC0415 (cycle)
+
+    sums, head_sums, row_out, topk_out = _dist_stats_dispatch.run(
+        x4,
+        mask,
+        bool(from_logits),
+        int(topk),
+        float(tau),
+        float(eps),
+        -1 if window is None else int(window),
+        int(query_offset),
+        int(query_len),
+        bool(rows),
+    )
+    if rows:
+        row_out = row_out.view(*lead, RowSlot.NUM)
+    return DistStats(sums, head_sums, row_out, topk_out.view(*lead, topk))
+
+
+def mean(sums: Tensor, slot: int) -> Tensor:
+    """Mean over valid rows of a ``Slot`` slot (NaN when no row was valid), a 0-d tensor."""
+    return sums[..., slot] / sums[..., Slot.COUNT]
+
+
+def std(sums: Tensor, slot: int, slot_sq: int) -> Tensor:
+    """Unbiased std over valid rows from a (sum, sum of squares) slot pair, a 0-d tensor."""
+    n = sums[..., Slot.COUNT]
+    m = sums[..., slot] / n
+    var = (sums[..., slot_sq] - n * m * m) / (n - 1)
+    return var.clamp_min(0).sqrt()
