@@ -1,0 +1,316 @@
+"""``fastdiag.ops.dist_stats`` on every available backend against float64 formulas.
+
+The oracle here is written independently of every backend: plain float64 torch per row, and
+``scipy.stats.entropy`` for the entropy itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import scipy.stats
+import torch
+
+import fastdiag
+from fastdiag.ops import HeadSlot, RowSlot, Slot, dist_stats
+from tests.conftest import available_backends
+
+BACKENDS = available_backends("cpu")
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def oracle(x, *, from_logits=False, reduce_dim=None, topk=0, tau=0.1, eps=1e-6, row_mask=None,
+           window=None, query_offset=0):
+    """Float64 per-row statistics and reduced sums, straight from the definitions."""
+    xd = x.double()
+    if reduce_dim is not None:
+        xd = xd.movedim(reduce_dim, 0)  # [G, *L, N]
+    else:
+        xd = xd.unsqueeze(0)
+    g = xd.shape[0]
+    n = xd.shape[-1]
+    lead = list(xd.shape[1:-1])
+    heads = xd.reshape(g, -1, n)  # [G, R, N]
+    if from_logits:
+        finite = ~(torch.isnan(heads).any(-1) | torch.isposinf(heads).any(-1)
+                   | torch.isneginf(heads.amax(-1))).any(0)
+        ph = torch.softmax(torch.where(finite[None, :, None], heads, torch.zeros_like(heads)), -1)
+    else:
+        finite = torch.isfinite(heads).all(-1).all(0)
+        ph = torch.where(finite[None, :, None], heads, torch.zeros_like(heads))
+    p = ph.mean(0)  # [R, N]
+    r = p.shape[0]
+    allowed = torch.ones(r, dtype=torch.bool) if row_mask is None else row_mask.reshape(r)
+    valid = finite & allowed
+    ent = torch.special.entr(p.clamp_min(0)).sum(-1)
+    q = torch.arange(r) % (lead[-1] if lead else 1) + query_offset
+    keys = torch.arange(n)
+    future = torch.where(keys[None] > q[:, None], p, 0).sum(-1)
+    local = torch.where((keys[None] - q[:, None]).abs() <= window, p, 0).sum(-1) if window is not None else torch.zeros(r)
+    rows = {
+        "entropy": ent,
+        "max": p.amax(-1),
+        "sumsq": (p * p).sum(-1),
+        "gt_tau": (p > tau).sum(-1).double(),
+        "gt_eps": (p > eps).sum(-1).double(),
+        "rowsum_err": (p.sum(-1) - 1).abs(),
+        "future": future,
+        "local": local,
+        "abs_dev": (p - 1.0 / n).abs().mean(-1),
+    }
+    v = valid.double()
+    sums = torch.zeros(Slot.NUM, dtype=torch.float64)
+    sums[Slot.COUNT] = v.sum()
+    for slot, key in [(Slot.ENTROPY, "entropy"), (Slot.MAX, "max"), (Slot.SUMSQ, "sumsq"),
+                      (Slot.GT_TAU, "gt_tau"), (Slot.GT_EPS, "gt_eps"), (Slot.ROWSUM_ERR, "rowsum_err"),
+                      (Slot.FUTURE, "future"), (Slot.LOCAL, "local"), (Slot.ABS_DEV, "abs_dev")]:
+        sums[slot] = (rows[key] * v).sum()
+    sums[Slot.ENTROPY_SQ] = (ent * ent * v).sum()
+    sums[Slot.MAX_SQ] = (rows["max"] ** 2 * v).sum()
+    sums[Slot.ROWSUM_ERR_MAX] = (rows["rowsum_err"] * v).max() if r else 0.0
+    sums[Slot.FUTURE_MAX] = (future * v).max() if r else 0.0
+    sums[Slot.NONFINITE] = (allowed & ~finite).sum()
+    sums[Slot.MASKED] = (~allowed).sum()
+    hv = v[None, :]
+    head = torch.stack([
+        (torch.special.entr(ph.clamp_min(0)).sum(-1) * hv).sum(1),
+        (ph.amax(-1) * hv).sum(1),
+        ((ph > tau).sum(-1) * hv).sum(1),
+        ((ph * ph).sum(-1) * hv).sum(1),
+    ], -1)
+    order = torch.sort(p, dim=-1, descending=True, stable=True).indices[:, :topk]
+    order = torch.where(valid[:, None], order, -1)
+    return sums, head, rows, valid, order.reshape(*lead, topk)
+
+
+def check(x, **kw):
+    rows_kw = {k: v for k, v in kw.items()}
+    out = dist_stats(x, rows=True, **rows_kw)
+    sums, head, rows, valid, order = oracle(x, **kw)
+    # sums of many rows: tolerance relative to the magnitude of what was summed
+    torch.testing.assert_close(out.sums.cpu(), sums, rtol=RTOL, atol=ATOL * max(1, int(sums[0])))
+    if kw.get("reduce_dim") is not None:
+        torch.testing.assert_close(out.head_sums.cpu(), head, rtol=RTOL, atol=ATOL * max(1, int(sums[0])))
+    got_rows = out.rows.reshape(-1, RowSlot.NUM).cpu().double()
+    for col, key in [(RowSlot.ENTROPY, "entropy"), (RowSlot.MAX, "max"),
+                     (RowSlot.GT_EPS, "gt_eps"), (RowSlot.SUMSQ, "sumsq")]:
+        want = torch.where(valid, rows[key], math.nan)
+        torch.testing.assert_close(got_rows[:, col], want, rtol=RTOL, atol=ATOL, equal_nan=True)
+    if kw.get("topk", 0):
+        assert torch.equal(out.topk.cpu(), order)
+    return out
+
+
+@pytest.fixture(params=BACKENDS)
+def each_backend(request, backend):
+    backend(request.param)
+    return request.param
+
+
+def softmax_rows(*shape, scale=3.0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).softmax(-1).to(dtype)
+
+
+@pytest.mark.parametrize("n", [1, 7, 128, 1000, 5000])
+def test_random_rows(each_backend, n):
+    rows = 6 if n >= 1000 else 20
+    x = softmax_rows(rows, n)
+    check(x, topk=min(5, n), window=2)
+
+
+def test_entropy_matches_scipy(each_backend):
+    x = softmax_rows(4, 9, 33)
+    out = dist_stats(x, rows=True)
+    want = scipy.stats.entropy(x.double().numpy(), axis=-1)
+    got = out.rows[..., RowSlot.ENTROPY].double().numpy()
+    assert got.shape == want.shape
+    assert abs(got - want).max() < 1e-5
+    assert abs(out.sums[Slot.ENTROPY].item() - want.sum()) < 1e-4
+
+
+def test_zeros_one_hot_and_ties(each_backend):
+    x = torch.zeros(6, 16)
+    x[0, 3] = 1.0  # one-hot
+    x[1, :4] = 0.25  # ties: top-k must be 0, 1, 2, 3 in order
+    x[2, [5, 9]] = 0.5  # exact zeros elsewhere
+    x[3] = 1.0 / 16  # uniform: every index tied
+    x[4, 15] = 0.7
+    x[4, 0] = 0.3
+    x[5, 2:6] = torch.tensor([0.1, 0.4, 0.4, 0.1])
+    out = check(x, topk=5, tau=0.2, eps=0.05)
+    assert out.topk[1].tolist() == [0, 1, 2, 3, 4]
+    assert out.topk[3].tolist() == [0, 1, 2, 3, 4]
+    assert out.topk[5, :4].tolist() == [3, 4, 2, 5]
+    assert out.rows[0, RowSlot.ENTROPY].item() == 0.0
+    torch.testing.assert_close(out.rows[3, RowSlot.ENTROPY], torch.tensor(math.log(16)))
+
+
+def test_single_key_gives_zero_entropy(each_backend):
+    out = check(torch.ones(3, 1), topk=1)
+    assert out.sums[Slot.ENTROPY].item() == 0.0
+    assert out.topk.tolist() == [[0], [0], [0]]
+
+
+def test_attention_heads_reduced_while_reading(each_backend):
+    x = softmax_rows(2, 4, 9, 9)
+    check(x, reduce_dim=1, topk=3, window=1)
+
+
+def test_non_contiguous_inputs(each_backend):
+    base = softmax_rows(3, 17, 20)
+    check(base.transpose(0, 1), topk=4)  # transposed leading axes
+    wide = softmax_rows(5, 40)
+    check(wide[:, ::2], topk=2)  # strided last axis (rows no longer sum to 1)
+    heads = softmax_rows(2, 9, 3, 9).transpose(1, 2)  # [2, 3, 9, 9] with head stride 9
+    check(heads, reduce_dim=1, topk=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(each_backend, dtype):
+    x = softmax_rows(3, 5, 64, dtype=dtype)
+    # the oracle reads the same rounded values, so the tolerance stays float32's
+    check(x, topk=5)
+
+
+def test_logits_with_masked_keys(each_backend):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 6, 6, generator=g) * 4
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    logits = logits.masked_fill(~causal, float("-inf"))
+    out = check(logits, from_logits=True, reduce_dim=1, topk=2, window=1)
+    assert out.sums[Slot.FUTURE].item() == 0.0  # causal mask leaves no future mass
+    check(logits[:, 0], from_logits=True, topk=3)
+
+
+def test_row_mask_and_nonfinite_rows(each_backend):
+    x = softmax_rows(4, 6, 10)
+    x[0, 1, 3] = float("nan")
+    x[2, 5, 0] = float("inf")
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    mask[2, 5] = False  # masked and non-finite: counted as masked only
+    out = check(x, row_mask=mask, topk=2)
+    assert out.sums[Slot.NONFINITE].item() == 1
+    assert out.sums[Slot.MASKED].item() == 3
+    assert out.sums[Slot.COUNT].item() == 24 - 4
+    assert torch.isfinite(out.sums).all()
+    assert out.topk[0, 1].tolist() == [-1, -1]
+
+
+def test_nonfinite_head_invalidates_the_row(each_backend):
+    x = softmax_rows(1, 3, 4, 8)
+    x[0, 2, 1, 0] = float("nan")
+    out = check(x, reduce_dim=1)
+    assert out.sums[Slot.NONFINITE].item() == 1
+    assert torch.isfinite(out.head_sums).all()
+
+
+def test_query_offset_for_kv_cache(each_backend):
+    x = softmax_rows(2, 3, 12)  # 3 new queries attending to 12 cached keys
+    check(x, window=2, query_offset=9)
+
+
+def test_all_rows_invalid_gives_nan_means_not_errors(each_backend):
+    x = torch.full((3, 5), float("nan"))
+    out = dist_stats(x)
+    assert out.sums[Slot.COUNT].item() == 0
+    assert out.sums[Slot.NONFINITE].item() == 3
+    assert math.isnan(fastdiag.ops.mean(out.sums, Slot.ENTROPY).item())
+
+
+def test_mean_and_std_helpers(each_backend):
+    x = softmax_rows(50, 12)
+    out = dist_stats(x, rows=True)
+    mx = out.rows[:, RowSlot.MAX].double()
+    torch.testing.assert_close(fastdiag.ops.mean(out.sums, Slot.MAX), mx.mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fastdiag.ops.std(out.sums, Slot.MAX, Slot.MAX_SQ), mx.std(), rtol=1e-4, atol=1e-6)
+
+
+def test_per_head_sums(each_backend):
+    x = softmax_rows(2, 3, 5, 8)
+    out = dist_stats(x, reduce_dim=1, tau=0.2)
+    want = torch.special.entr(x.double()).sum(-1).sum((0, 2))
+    torch.testing.assert_close(out.head_sums[:, HeadSlot.ENTROPY], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.head_sums[:, HeadSlot.GT_TAU], (x > 0.2).sum((0, 2, 3)).double())
+
+
+def test_backends_agree_with_each_other(backend):
+    x = softmax_rows(2, 4, 33, 33, seed=5)
+    results = {}
+    for name in BACKENDS:
+        backend(name)
+        results[name] = dist_stats(x, reduce_dim=1, topk=5, rows=True, window=3)
+    base = results["torch"]
+    for name, out in results.items():
+        torch.testing.assert_close(out.sums, base.sums, rtol=RTOL, atol=1e-5, msg=name)
+        torch.testing.assert_close(out.head_sums, base.head_sums, rtol=RTOL, atol=1e-5, msg=name)
+        assert torch.equal(out.topk, base.topk), name
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"topk": 17}, "topk"),
+        ({"topk": 9}, "topk"),  # more than N = 8
+        ({"reduce_dim": 3}, "reduce_dim"),
+        ({"reduce_dim": 7}, "reduce_dim"),
+        ({"row_mask": torch.ones(2, 3, dtype=torch.bool)}, "row_mask"),
+        ({"window": -1}, "window"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dist_stats(softmax_rows(2, 3, 4, 8), **kwargs)
+
+
+def test_bad_tensors():
+    with pytest.raises(ValueError, match="dtype"):
+        dist_stats(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="non-empty last axis"):
+        dist_stats(torch.ones(3, 0))
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        dist_stats(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        dist_stats([0.5, 0.5])
+
+
+def test_no_host_transfer(each_backend, monkeypatch):
+    x = softmax_rows(2, 3, 8, 8)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    dist_stats(x, reduce_dim=1, topk=2, row_mask=mask, rows=True)  # warm-up (extension load)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host transfer in dist_stats")
+
+    for name in ("item", "tolist", "cpu", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    dist_stats(x, reduce_dim=1, topk=2, row_mask=mask, rows=True, window=1)
+
+
+def test_torch_compile_fullgraph(each_backend):
+    x = softmax_rows(2, 3, 6, 10)
+
+    def step(t):
+        out = dist_stats(t, reduce_dim=1, topk=3)
+        return fastdiag.ops.mean(out.sums, Slot.ENTROPY), out.topk
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    got, got_topk = compiled(x)
+    want, want_topk = step(x)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got_topk, want_topk)
+
+
+def test_opcheck_torch_op():
+    x4 = softmax_rows(2, 3, 4, 6).transpose(0, 1).contiguous()  # A=3, G=2, C=4
+    mask = torch.ones(12, dtype=torch.bool)
+    torch.library.opcheck(
+        torch.ops.fastdiag.dist_stats_torch.default, (x4, mask, False, 2, 0.1, 1e-6, 1, 0, 4, True)
+    )
+    mask[5] = False  # a masked row; rows=False since opcheck compares NaN rows as unequal
+    torch.library.opcheck(
+        torch.ops.fastdiag.dist_stats_torch.default, (x4, mask, True, 3, 0.1, 1e-6, -1, 2, 4, False)
+    )
