@@ -1,0 +1,745 @@
+// fastdiag::dist_stats_cpu - the C++ (OpenMP) backend of fastdiag.ops.dist_stats.
+//
+// Contract: fastdiag/ops/_dist_stats.py (definitions, slots) and _dist_stats_torch.py (the
+// executable spec). One pass per row over the canonical view x4 [A, G, C, N] (any strides,
+// int64 offsets): per head a max pass then an exp pass for logits (the row is hot in cache),
+// per-head statistics on the fly, the head mean accumulated in a per-thread buffer of N floats,
+// then one statistics pass over the mean row, the top-k insertion pass and the future / local
+// mass sums over sub-ranges.
+//
+// Determinism: rows are cut into fixed blocks (the cut depends on the shape only, never on the
+// thread count); each block writes float64 partials, combined afterwards in block order.
+// Per-row values are float32 (16-lane vector accumulators), sums across rows float64.
+//
+// SIMD: GCC / Clang vector extensions (16 x float32), so the same code compiles for AVX-512,
+// AVX2 or NEON; log and exp are branch-free polynomial versions (about 1 ulp) that vectorise.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ---- layout of the outputs (mirrors fastdiag/ops/_dist_stats.py: Slot, HeadSlot, RowSlot) ----
+enum Slot : int {
+  kCount = 0,
+  kEntropy,
+  kEntropySq,
+  kMax,
+  kMaxSq,
+  kSumsq,
+  kGtTau,
+  kGtEps,
+  kRowsumErr,
+  kRowsumErrMax,
+  kFuture,
+  kFutureMax,
+  kLocal,
+  kAbsDev,
+  kNonfinite,
+  kMasked,
+  kNumSlots
+};
+enum HeadSlot : int { kHeadEntropy = 0, kHeadMax, kHeadGtTau, kHeadSumsq, kNumHeadSlots };
+enum RowSlot : int { kRowEntropy = 0, kRowMax, kRowGtEps, kRowSumsq, kNumRowSlots };
+constexpr int64_t kMaxTopk = 16;
+
+// ---- 16-lane float vectors ----
+constexpr int64_t W = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+inline vf splat(float x) { return vf{} + x; }
+inline vf loadv(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+#if defined(__AVX512F__)
+inline __mmask16 first_lanes(int64_t rem) { return static_cast<__mmask16>((1u << rem) - 1u); }
+// Lanes [0, rem) from p, the others 0.
+inline vf load_partial(const float* p, int64_t rem) {
+  return (vf)_mm512_maskz_loadu_ps(first_lanes(rem), p);
+}
+inline void store_partial(float* p, vf v, int64_t rem) {
+  _mm512_mask_storeu_ps(p, first_lanes(rem), (__m512)v);
+}
+inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+inline float hmax(vf v) { return _mm512_reduce_max_ps((__m512)v); }
+inline int64_t hcount(vi v) { return _mm512_reduce_add_epi32((__m512i)v); }
+// Bit l set when lane l of v is >= t.
+inline uint32_t lanes_ge(vf v, float t) {
+  return _mm512_cmp_ps_mask((__m512)v, _mm512_set1_ps(t), _CMP_GE_OQ);
+}
+#else
+inline vf load_partial(const float* p, int64_t rem) {
+  float t[W] = {0.f};
+  std::memcpy(t, p, sizeof(float) * rem);
+  return loadv(t);
+}
+inline void store_partial(float* p, vf v, int64_t rem) {
+  float t[W];
+  storev(t, v);
+  std::memcpy(p, t, sizeof(float) * rem);
+}
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int l = 0; l < W; ++l) s += v[l];
+  return s;
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+inline int64_t hcount(vi v) {
+  int64_t s = 0;
+  for (int l = 0; l < W; ++l) s += v[l];
+  return s;
+}
+inline uint32_t lanes_ge(vf v, float t) {
+  uint32_t m = 0;
+  for (int l = 0; l < W; ++l) m |= static_cast<uint32_t>(v[l] >= t) << l;
+  return m;
+}
+#endif
+inline vi lanes_below(int64_t rem) {
+  const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return iota < static_cast<int32_t>(rem);
+}
+
+#if defined(__AVX512F__)
+// Natural log for normal positive x. x = m 2^e with m rounded to c = 1 + i/16 (i = 0..15, one
+// 16-entry table lookup): log x = e ln2 - log(1/c) + log1p(m/c - 1), |m/c - 1| <= 1/32, so a
+// degree-4 series is exact to ~5e-9; exact 0 at x = 1. Lanes that are not normal positive
+// return garbage and must be clamped by the caller.
+struct LogTable {
+  alignas(64) float inv_c[16];
+  alignas(64) float log_c[16];
+  LogTable() {
+    for (int i = 0; i < 16; ++i) {
+      inv_c[i] = static_cast<float>(1.0 / (1.0 + i / 16.0));
+      log_c[i] = static_cast<float>(-std::log(static_cast<double>(inv_c[i])));
+    }
+  }
+};
+const LogTable kLogTable;
+
+inline vf vlog(vf x) {
+  const vi bits = (vi)x;
+  const vi rounded = bits + 0x40000;  // mantissa rounded to 4 bits (may carry into e)
+  const vi e = (rounded >> 23) - 127;
+  const __m512i idx = (__m512i)((rounded >> 19) & 15);
+  const vf m = (vf)(bits - (e << 23));  // x / 2^e, in [1 - 1/32, 2 - 1/32)
+  const vf inv_c = (vf)_mm512_permutexvar_ps(idx, _mm512_load_ps(kLogTable.inv_c));
+  const vf log_c = (vf)_mm512_permutexvar_ps(idx, _mm512_load_ps(kLogTable.log_c));
+  const vf r = m * inv_c - 1.0f;
+  vf q = -0.25f * r + 0.333333343f;
+  q = q * r - 0.5f;
+  const vf y = q * (r * r) + r;
+  return __builtin_convertvector(e, vf) * 0.693147182f + (log_c + y);
+}
+#else
+// Natural log for normal positive x (Cephes-style: x = m 2^e, m in [sqrt(1/2), sqrt(2)),
+// degree-8 polynomial in m - 1); other lanes return garbage and must be clamped by the caller.
+inline vf vlog(vf x) {
+  const vi bits = (vi)x;
+  const vi shifted = bits - 0x3f3504f3;  // sqrt(1/2)
+  const vi e = shifted >> 23;
+  const vf m = (vf)(bits - (e << 23));
+  const vf f = m - 1.0f;
+  const vf z = f * f;
+  vf y = 7.0376836292e-2f * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z - 0.5f * z;
+  const vf fe = __builtin_convertvector(e, vf);
+  return fe * 0.693359375f + (f + (y - 2.12194440e-4f * fe));
+}
+#endif
+
+// x log x with x clamped to >= FLT_MIN: 0 log 0 = 0 up to FLT_MIN log FLT_MIN ~ -1e-36 per
+// non-positive or subnormal entry (torch drops those entries exactly; the gap is < N * 1e-36).
+inline vf vxlogx(vf x) {
+  x = x > FLT_MIN ? x : splat(FLT_MIN);
+  return x * vlog(x);
+}
+
+// exp(t) for t <= 0 (t = -inf gives 0), about 1 ulp, subnormal results rounded once.
+inline vf vexp_nonpos(vf t) {
+  t = t > -104.f ? t : splat(-104.f);
+  const vf big = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (t * 1.44269504089f + big) - big;
+  vf r = t - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const vf r2 = r * r;
+  vf p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  // 2^n as 2^n1 * 2^n2 with both halves normal, so results down to 2^-150 are rounded once.
+  const vi ni = __builtin_convertvector(n, vi);
+  const vi n1 = ni >> 1;
+  const vi n2 = ni - n1;
+  return (p * (vf)((n1 + 127) << 23)) * (vf)((n2 + 127) << 23);
+}
+
+// ---- input element types (read as raw bits, converted to float32) ----
+struct F32 {
+  using raw = float;
+  static float cvt(float v) { return v; }
+};
+struct F64 {
+  using raw = double;
+  static float cvt(double v) { return static_cast<float>(v); }
+};
+struct BF16 {
+  using raw = uint16_t;
+  static float cvt(uint16_t h) {
+    const uint32_t b = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &b, sizeof f);
+    return f;
+  }
+};
+struct F16 {
+  using raw = uint16_t;
+  // Exact half -> float: shift the exponent/mantissa into place and rescale by 2^112
+  // (handles subnormal halves), inf / NaN patched separately.
+  static float cvt(uint16_t h) {
+    const uint32_t em = h & 0x7fffu;
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    uint32_t b;
+    if (em >= 0x7c00u) {
+      b = sign | 0x7f800000u | ((em & 0x3ffu) << 13);
+    } else {
+      float f;
+      const uint32_t s = em << 13;
+      std::memcpy(&f, &s, sizeof f);
+      f *= 0x1p112f;
+      std::memcpy(&b, &f, sizeof b);
+      b |= sign;
+    }
+    float out;
+    std::memcpy(&out, &b, sizeof out);
+    return out;
+  }
+};
+
+inline vf cvt16(const uint16_t* src, BF16) {
+  vh h;
+  std::memcpy(&h, src, sizeof h);
+  const vu b = __builtin_convertvector(h, vu) << 16;
+  return (vf)b;
+}
+inline vf cvt16(const uint16_t* src, F16) {
+  vh h;
+  std::memcpy(&h, src, sizeof h);
+  const vu u = __builtin_convertvector(h, vu);
+  const vu em = u & 0x7fffu;
+  const vu sign = (u & 0x8000u) << 16;
+  const vu shifted = em << 13;
+  const vf scaled = (vf)shifted * 0x1p112f;
+  const vu fin = (vu)scaled;
+  const vu special = 0x7f800000u | ((em & 0x3ffu) << 13);
+  const vu out = (em >= 0x7c00u ? special : fin) | sign;
+  return (vf)out;
+}
+
+// Prefetch (into L2) of the line holding p: rows are visited head by head, G strided streams
+// per row, too many for the hardware prefetcher; the next row is fetched while this one is used.
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
+
+// One head row as float32: the source itself when it already is contiguous float32 (then *pf
+// is left for the caller's pass to prefetch), else converted into dst (prefetching *pf, the
+// same head of the next row, on the way; *pf is then cleared).
+template <typename T>
+const float* load_row(const typename T::raw* src, int64_t stride, int64_t n, float* dst,
+                      const typename T::raw*& pf) {
+  if constexpr (std::is_same_v<T, F32>) {
+    if (stride == 1) return src;
+  }
+  if (stride == 1) {
+    int64_t j = 0;
+    if constexpr (std::is_same_v<T, BF16> || std::is_same_v<T, F16>) {
+      for (; j + W <= n; j += W) {
+        if (pf) prefetch(pf + j);
+        storev(dst + j, cvt16(src + j, T{}));
+      }
+    }
+    for (; j < n; ++j) {
+      if (pf && j % W == 0) prefetch(pf + j);
+      dst[j] = T::cvt(src[j]);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = T::cvt(src[j * stride]);
+  }
+  pf = nullptr;
+  return dst;
+}
+
+bool all_finite(const float* q, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (!std::isfinite(q[j])) return false;
+  return true;
+}
+
+// ---- per-row passes ----
+
+struct HeadVals {
+  float ent, mx, ntau, sq;
+};
+
+// Statistics of one head row v_j = q_j / d (DIV, for logits) or q_j, added into buf (stored
+// when first). Returns the head's entropy / max / count > tau / sum of squares.
+template <bool DIV>
+HeadVals head_pass(const float* q, int64_t n, float d, float* buf, bool first, float tau,
+                   const float* pf) {
+  vf xlx = splat(0.f), sq = splat(0.f), mx = splat(-INFINITY);
+  vi cnt = vi{};
+  const vf dv = splat(d);
+  auto step = [&](vf v) {  // padding lanes are 0 and must not count in mx / cnt: see the tail
+    xlx += vxlogx(v);
+    sq += v * v;
+    cnt = v > tau ? cnt + 1 : cnt;
+    mx = v > mx ? v : mx;
+  };
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    if (pf) prefetch(pf + j);
+    vf v = loadv(q + j);
+    if (DIV) v = v / dv;
+    step(v);
+    storev(buf + j, first ? v : loadv(buf + j) + v);
+  }
+  if (j < n) {
+    const int64_t rem = n - j;
+    vf v = load_partial(q + j, rem);
+    if (DIV) v = v / dv;
+    const vi live = lanes_below(rem);
+    xlx += vxlogx(v);  // padding: 0 -> ~1e-36 each, below resolution
+    sq += v * v;
+    cnt = (v > tau) & live ? cnt + 1 : cnt;
+    mx = (v > mx) & live ? v : mx;
+    store_partial(buf + j, first ? v : load_partial(buf + j, rem) + v, rem);
+  }
+  return {-hsum(xlx), hmax(mx), static_cast<float>(hcount(cnt)), hsum(sq)};
+}
+
+struct RowVals {
+  float ent, mx, sq, ntau, neps, sum, dev;
+  vf lane_max;  // per-lane maxima (lane l holds entries j = l mod 16), for the top-k threshold
+};
+
+// Statistics of the row p_j = src_j / d (DIV) or src_j; p stored into dst when STORE.
+template <bool DIV, bool STORE>
+RowVals main_pass(const float* src, float* dst, int64_t n, float d, float tau, float eps, float inv_n,
+                  const float* pf) {
+  vf xlx = splat(0.f), sq = splat(0.f), sum = splat(0.f), dev = splat(0.f), mx = splat(-INFINITY);
+  vi ctau = vi{}, ceps = vi{};
+  const vf dv = splat(d);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    if (pf) prefetch(pf + j);
+    vf v = loadv(src + j);
+    if (DIV) v = v / dv;
+    xlx += vxlogx(v);
+    sq += v * v;
+    sum += v;
+    ctau = v > tau ? ctau + 1 : ctau;
+    ceps = v > eps ? ceps + 1 : ceps;
+    const vf ad = v - inv_n;
+    dev += ad < 0.f ? -ad : ad;
+    mx = v > mx ? v : mx;
+    if (STORE) storev(dst + j, v);
+  }
+  if (j < n) {
+    const int64_t rem = n - j;
+    vf v = load_partial(src + j, rem);
+    if (DIV) v = v / dv;
+    const vi live = lanes_below(rem);
+    xlx += vxlogx(v);
+    sq += v * v;
+    sum += v;
+    ctau = (v > tau) & live ? ctau + 1 : ctau;
+    ceps = (v > eps) & live ? ceps + 1 : ceps;
+    const vf ad = v - inv_n;
+    dev += live ? (ad < 0.f ? -ad : ad) : splat(0.f);
+    mx = (v > mx) & live ? v : mx;
+    if (STORE) store_partial(dst + j, v, rem);
+  }
+  return {-hsum(xlx), hmax(mx), hsum(sq), static_cast<float>(hcount(ctau)),
+          static_cast<float>(hcount(ceps)), hsum(sum), hsum(dev), mx};
+}
+
+// Max of a logits row; sets bad when it has a NaN or +inf, or every entry is -inf.
+float logits_max(const float* q, int64_t n, bool& bad, const float* pf) {
+  vf mx = splat(-INFINITY);
+  vi nan = vi{};
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    if (pf) prefetch(pf + j);
+    const vf v = loadv(q + j);
+    nan |= v != v;
+    mx = v > mx ? v : mx;
+  }
+  float m = hmax(mx);
+  bool has_nan = hcount(nan) != 0;
+  for (; j < n; ++j) {
+    const float v = q[j];
+    has_nan |= v != v;
+    m = v > m ? v : m;
+  }
+  bad = has_nan || m == INFINITY || m == -INFINITY;
+  return m;
+}
+
+// e_j = exp(q_j - m) into e; returns sum_j e_j.
+float exp_pass(const float* q, int64_t n, float m, float* e) {
+  vf s = splat(0.f);
+  const vf mv = splat(m);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const vf v = vexp_nonpos(loadv(q + j) - mv);
+    s += v;
+    storev(e + j, v);
+  }
+  if (j < n) {
+    const int64_t rem = n - j;
+    vf v = vexp_nonpos(load_partial(q + j, rem) - mv);
+    v = lanes_below(rem) ? v : splat(0.f);
+    s += v;
+    store_partial(e + j, v, rem);
+  }
+  return hsum(s);
+}
+
+// sum of p[lo, hi)
+float range_sum(const float* p, int64_t lo, int64_t hi) {
+  vf s = splat(0.f);
+  int64_t j = lo;
+  for (; j + W <= hi; j += W) s += loadv(p + j);
+  float t = hsum(s);
+  for (; j < hi; ++j) t += p[j];
+  return t;
+}
+
+// The k-th largest of the 16 lane maxima: the lanes partition the row, so at least k entries
+// are >= it, and no entry below it can be in the top k.
+float topk_floor(vf lane_max, int64_t k) {
+  float t = INFINITY;
+#if defined(__AVX512F__)
+  const __m512 v = (__m512)lane_max;
+  for (int l = 0; l < W; ++l) {
+    const __m512 b = _mm512_permutexvar_ps(_mm512_set1_epi32(l), v);
+    const int above = __builtin_popcount(_mm512_cmp_ps_mask(v, b, _CMP_GT_OQ));
+    if (above < k) t = std::min(t, lane_max[l]);
+  }
+#else
+  for (int l = 0; l < W; ++l) {
+    const float v = lane_max[l];
+    int64_t above = 0;
+    for (int m = 0; m < W; ++m) above += lane_max[m] > v;
+    if (above < k && v < t) t = v;
+  }
+#endif
+  return t;
+}
+
+// Indices of the k largest entries of p, descending, ties to the lower index: the entries
+// >= topk_floor, visited in index order, go through a sorted insertion buffer.
+void topk_pass(const float* p, int64_t n, int64_t k, vf lane_max, int64_t* out) {
+  float val[kMaxTopk];
+  int64_t idx[kMaxTopk];
+  for (int64_t i = 0; i < k; ++i) {
+    val[i] = -INFINITY;
+    idx[i] = -1;
+  }
+  auto insert = [&](float x, int64_t j) {
+    if (!(x > val[k - 1])) return;
+    int64_t i = k - 1;
+    while (i > 0 && x > val[i - 1]) {
+      val[i] = val[i - 1];
+      idx[i] = idx[i - 1];
+      --i;
+    }
+    val[i] = x;
+    idx[i] = j;
+  };
+  const float floor = topk_floor(lane_max, k);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    for (uint32_t bits = lanes_ge(loadv(p + j), floor); bits != 0; bits &= bits - 1) {
+      const int64_t l = __builtin_ctz(bits);
+      insert(p[j + l], j + l);
+    }
+  }
+  for (; j < n; ++j)
+    if (p[j] >= floor) insert(p[j], j);
+  std::memcpy(out, idx, sizeof(int64_t) * k);
+}
+
+// ---- the op ----
+
+struct Problem {
+  int64_t A, G, C, N;
+  int64_t sA, sG, sC, sN;
+  bool logits;
+  int64_t k;
+  float tau, eps;
+  int64_t window, query_offset, query_len;
+  const bool* mask;
+  float* rows;     // [R, 4] or nullptr
+  int64_t* topk;   // [R, k]
+};
+
+struct Scratch {
+  std::vector<float> cvt, tmp, buf, head;
+  explicit Scratch(const Problem& P)
+      : cvt(P.N + W), tmp(P.N + W), buf(P.N + W), head(P.G * kNumHeadSlots) {}
+};
+
+// [lo, hi) of j in [0, n) with lo_incl <= j <= hi_incl (bounds in 128-bit, no overflow).
+inline void clamp_range(__int128 lo_incl, __int128 hi_incl, int64_t n, int64_t& lo, int64_t& hi) {
+  const __int128 a = std::max<__int128>(lo_incl, 0);
+  const __int128 b = std::min<__int128>(hi_incl + 1, n);
+  lo = static_cast<int64_t>(a);
+  hi = static_cast<int64_t>(std::max(a, b));
+}
+
+// Processes row r; adds its contributions to part (kNumSlots + G * kNumHeadSlots doubles).
+template <typename T>
+void process_row(const Problem& P, const typename T::raw* x, int64_t r, Scratch& S, double* part) {
+  const int64_t a = r / P.C, c = r % P.C, n = P.N, G = P.G;
+  double* hpart = part + kNumSlots;
+  auto invalid = [&](bool masked) {
+    part[masked ? kMasked : kNonfinite] += 1.0;
+    if (P.rows) {
+      for (int s = 0; s < kNumRowSlots; ++s) P.rows[r * kNumRowSlots + s] = NAN;
+    }
+    for (int64_t i = 0; i < P.k; ++i) P.topk[r * P.k + i] = -1;
+  };
+  if (P.mask && !P.mask[r]) {
+    invalid(true);
+    return;
+  }
+  const int64_t base = a * P.sA + c * P.sC;
+  // same head of the next row, prefetched while this row is read (contiguous rows only)
+  const int64_t r_next = r + 1;
+  const bool pf_next = P.sN == 1 && r_next < P.A * P.C;
+  const int64_t base_next = pf_next ? (r_next / P.C) * P.sA + (r_next % P.C) * P.sC : 0;
+  float* buf = S.buf.data();
+  float* hv = S.head.data();
+  const float tau = P.tau, eps = P.eps, inv_n = static_cast<float>(1.0 / static_cast<double>(n));
+  RowVals rv;
+  const float* p;  // the row distribution (float32, contiguous)
+  if (G == 1) {
+    const typename T::raw* pf = pf_next ? x + base_next : nullptr;
+    const float* q = load_row<T>(x + base, P.sN, n, S.cvt.data(), pf);
+    const float* pff = reinterpret_cast<const float*>(pf);  // non-null only for float32
+    if (P.logits) {
+      bool bad;
+      const float m = logits_max(q, n, bad, pff);
+      if (bad) return invalid(false);
+      const float s = exp_pass(q, n, m, S.tmp.data());
+      rv = main_pass<true, true>(S.tmp.data(), buf, n, s, tau, eps, inv_n, nullptr);
+      p = buf;
+    } else {
+      rv = main_pass<false, false>(q, nullptr, n, 1.f, tau, eps, inv_n, pff);
+      // sum of squares is finite iff every entry is (unless finite entries overflow it)
+      if (!std::isfinite(rv.sq) && !all_finite(q, n)) return invalid(false);
+      p = q;
+    }
+    hv[kHeadEntropy] = rv.ent;
+    hv[kHeadMax] = rv.mx;
+    hv[kHeadGtTau] = rv.ntau;
+    hv[kHeadSumsq] = rv.sq;
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      const typename T::raw* pf = pf_next ? x + base_next + g * P.sG : nullptr;
+      const float* q = load_row<T>(x + base + g * P.sG, P.sN, n, S.cvt.data(), pf);
+      const float* pff = reinterpret_cast<const float*>(pf);
+      HeadVals h;
+      if (P.logits) {
+        bool bad;
+        const float m = logits_max(q, n, bad, pff);
+        if (bad) return invalid(false);
+        const float s = exp_pass(q, n, m, S.tmp.data());
+        h = head_pass<true>(S.tmp.data(), n, s, buf, g == 0, tau, nullptr);
+      } else {
+        h = head_pass<false>(q, n, 1.f, buf, g == 0, tau, pff);
+        if (!std::isfinite(h.sq) && !all_finite(q, n)) return invalid(false);
+      }
+      hv[g * kNumHeadSlots + kHeadEntropy] = h.ent;
+      hv[g * kNumHeadSlots + kHeadMax] = h.mx;
+      hv[g * kNumHeadSlots + kHeadGtTau] = h.ntau;
+      hv[g * kNumHeadSlots + kHeadSumsq] = h.sq;
+    }
+    // mean over heads as sum / G (same rounding as torch's mean)
+    rv = main_pass<true, true>(buf, buf, n, static_cast<float>(G), tau, eps, inv_n, nullptr);
+    p = buf;
+  }
+
+  const float rowsum_err = std::fabs(rv.sum - 1.0f);
+  const float abs_dev = rv.dev / static_cast<float>(n);
+  const __int128 qi = static_cast<__int128>(r % P.query_len) + P.query_offset;
+  int64_t lo, hi;
+  clamp_range(qi + 1, n, n, lo, hi);
+  const float future = range_sum(p, lo, hi);
+  float local = 0.f;
+  if (P.window >= 0) {
+    clamp_range(qi - P.window, qi + P.window, n, lo, hi);
+    local = range_sum(p, lo, hi);
+  }
+  if (P.k > 0) topk_pass(p, n, P.k, rv.lane_max, P.topk + r * P.k);
+  if (P.rows) {
+    float* o = P.rows + r * kNumRowSlots;
+    o[kRowEntropy] = rv.ent;
+    o[kRowMax] = rv.mx;
+    o[kRowGtEps] = rv.neps;
+    o[kRowSumsq] = rv.sq;
+  }
+  part[kCount] += 1.0;
+  part[kEntropy] += rv.ent;
+  part[kEntropySq] += static_cast<double>(rv.ent * rv.ent);
+  part[kMax] += rv.mx;
+  part[kMaxSq] += static_cast<double>(rv.mx * rv.mx);
+  part[kSumsq] += rv.sq;
+  part[kGtTau] += rv.ntau;
+  part[kGtEps] += rv.neps;
+  part[kRowsumErr] += rowsum_err;
+  part[kRowsumErrMax] = std::max(part[kRowsumErrMax], static_cast<double>(rowsum_err));
+  part[kFuture] += future;
+  part[kFutureMax] = std::max(part[kFutureMax], static_cast<double>(future));
+  part[kLocal] += local;
+  part[kAbsDev] += abs_dev;
+  for (int64_t i = 0; i < G * kNumHeadSlots; ++i) hpart[i] += hv[i];
+}
+
+// Rows per block: about 64k input elements, at most 4096 blocks; a function of the shape only.
+int64_t rows_per_block(int64_t R, int64_t row_elems) {
+  int64_t rpb = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, row_elems));
+  rpb = std::max(rpb, (R + 4095) / 4096);
+  return rpb;
+}
+
+template <typename T>
+void run(const Problem& P, const typename T::raw* x, double* sums, double* head_sums) {
+  const int64_t R = P.A * P.C;
+  const int64_t width = kNumSlots + P.G * kNumHeadSlots;
+  const int64_t rpb = rows_per_block(R, P.G * P.N);
+  const int64_t nblocks = (R + rpb - 1) / rpb;
+  std::vector<double> parts(static_cast<size_t>(nblocks * width), 0.0);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    Scratch S(P);
+    for (int64_t b = b0; b < b1; ++b) {
+      double* part = parts.data() + b * width;
+      const int64_t r1 = std::min(R, (b + 1) * rpb);
+      for (int64_t r = b * rpb; r < r1; ++r) process_row<T>(P, x, r, S, part);
+    }
+  });
+  for (int64_t b = 0; b < nblocks; ++b) {  // fixed order: independent of the thread count
+    const double* part = parts.data() + b * width;
+    for (int s = 0; s < kNumSlots; ++s) {
+      if (s == kRowsumErrMax || s == kFutureMax)
+        sums[s] = std::max(sums[s], part[s]);
+      else
+        sums[s] += part[s];
+    }
+    for (int64_t i = 0; i < P.G * kNumHeadSlots; ++i) head_sums[i] += part[kNumSlots + i];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dist_stats_cpu(
+    const at::Tensor& x4, const std::optional<at::Tensor>& row_mask, bool from_logits,
+    int64_t topk, double tau, double eps, int64_t window, int64_t query_offset,
+    int64_t query_len, bool want_rows) {
+  TORCH_CHECK(x4.device().is_cpu(), "dist_stats_cpu: x4 must be a CPU tensor, got ", x4.device());
+  TORCH_CHECK(x4.dim() == 4, "dist_stats_cpu: x4 must be 4-D [A, G, C, N], got shape ", x4.sizes());
+  const auto dt = x4.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "dist_stats_cpu: x4 must be float32, float64, bfloat16 or float16, got ", dt);
+  const int64_t A = x4.size(0), G = x4.size(1), C = x4.size(2), N = x4.size(3);
+  const int64_t R = A * C;
+  TORCH_CHECK(N >= 1, "dist_stats_cpu: x4 must have a non-empty last axis, got shape ", x4.sizes());
+  TORCH_CHECK(topk >= 0 && topk <= kMaxTopk && topk <= N,
+              "dist_stats_cpu: topk must be in [0, min(16, N=", N, ")], got ", topk);
+  TORCH_CHECK(query_len >= 1, "dist_stats_cpu: query_len must be >= 1, got ", query_len);
+  TORCH_CHECK(G >= 1 || R == 0, "dist_stats_cpu: the reduced axis (G) must be non-empty, got shape ",
+              x4.sizes());
+
+  const auto f64 = x4.options().dtype(at::kDouble);
+  at::Tensor sums = at::zeros({kNumSlots}, f64);
+  at::Tensor head_sums = at::zeros({G, kNumHeadSlots}, f64);
+  at::Tensor rows = at::empty({want_rows ? R : 0, kNumRowSlots}, x4.options().dtype(at::kFloat));
+  at::Tensor top = at::empty({R, topk}, x4.options().dtype(at::kLong));
+  if (R == 0) return {sums, head_sums, rows, top};
+
+  at::Tensor mask;
+  if (row_mask.has_value()) {
+    TORCH_CHECK(row_mask->device().is_cpu(), "dist_stats_cpu: row_mask must be a CPU tensor");
+    TORCH_CHECK(row_mask->numel() == R, "dist_stats_cpu: row_mask must have A*C = ", R,
+                " elements, got shape ", row_mask->sizes());
+    mask = row_mask->to(at::kBool).contiguous();
+  }
+  Problem P{A, G, C, N,
+            x4.stride(0), x4.stride(1), x4.stride(2), x4.stride(3),
+            from_logits, topk, static_cast<float>(tau), static_cast<float>(eps),
+            window, query_offset, query_len,
+            mask.defined() ? mask.data_ptr<bool>() : nullptr,
+            want_rows ? rows.data_ptr<float>() : nullptr,
+            top.data_ptr<int64_t>()};
+  double* s = sums.data_ptr<double>();
+  double* h = head_sums.data_ptr<double>();
+  const void* x = x4.const_data_ptr();
+  switch (dt) {
+    case at::kFloat:
+      run<F32>(P, static_cast<const float*>(x), s, h);
+      break;
+    case at::kDouble:
+      run<F64>(P, static_cast<const double*>(x), s, h);
+      break;
+    case at::kBFloat16:
+      run<BF16>(P, static_cast<const uint16_t*>(x), s, h);
+      break;
+    default:
+      run<F16>(P, static_cast<const uint16_t*>(x), s, h);
+      break;
+  }
+  return {sums, head_sums, rows, top};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastdiag, m) {
+  m.def(
+      "dist_stats_cpu(Tensor x4, Tensor? row_mask, bool from_logits, int topk, float tau, "
+      "float eps, int window, int query_offset, int query_len, bool want_rows) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastdiag, CPU, m) { m.impl("dist_stats_cpu", &dist_stats_cpu); }

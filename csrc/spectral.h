@@ -1,0 +1,349 @@
+// fastdiag spectral statistics: the math shared by the CPU (spectral_cpu.cpp) and CUDA
+// (spectral_cuda.cu) implementations of fastdiag::spectral_stats. Plain C++ with no torch or
+// CUDA headers, every function __host__ __device__, so nvcc compiles it in seconds and the CPU
+// build (and its tests) exercises the same code the GPU runs.
+//
+// For a matrix X [rows, cols] let n = min(rows, cols), m = max(rows, cols). Per matrix:
+//   1. G = Y Y^T (n x n, float64 sums) where Y is X or X^T, whichever has n rows.
+//   2. Pivoted Cholesky G = P R^T R P^T, stopping at the first pivot <= cut, where
+//      cut = n * eps64 * max(diag G): below that a pivot is rounding noise of the Gram itself.
+//      R has k = numerical-rank rows. This is the Drmac-Veselic preconditioner for Jacobi.
+//   3. Eigenvalues of G = squared singular values of R, by the one-sided (Hestenes) cyclic
+//      Jacobi method on the k rows of R: rotate row pairs until every pair is orthogonal to
+//      |<r_p, r_q>| <= kJacobiTol * |r_p| |r_q|; then lambda_i = |r_i|^2. This is the implicit
+//      form of two-sided Jacobi on R R^T (same rotations, same convergence), but each rotation
+//      touches two contiguous rows only, so it vectorises on the CPU and coalesces on the GPU.
+//      Pairs are visited in round-robin (tournament) order: the n/2 pairs of one round are
+//      disjoint, so a GPU block rotates them in parallel; the CPU uses the same order.
+//   4. lambda <= cut -> 0, sigma = sqrt(lambda), then the statistics (METRICS.md section 4).
+//
+// Accuracy: singular values below about sqrt(n * eps64) * sigma_1 (~1.7e-7 sigma_1 for n = 128)
+// are not resolved by any Gram-based method and are reported as 0 (so condition numbers above
+// ~1e7 read as inf). Everything above is relative-accurate to ~1e-12.
+
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define FD_HD __host__ __device__ __forceinline__
+#else
+#define FD_HD inline
+#endif
+
+namespace fastdiag {
+namespace spectral {
+
+constexpr int kMaxDim = 1024;         // largest n = min(rows, cols) the kernels take
+constexpr int kMaxSweeps = 40;        // hard cap; random 128 x 128 Grams need ~8 (tested)
+constexpr double kJacobiTol = 1e-9;   // relative orthogonality threshold of a row pair
+constexpr double kEps = 2.220446049250313e-16;
+
+// Output slots of the stats vector (mirrors fastdiag/ops/spectral.py: SpectralStats).
+enum StatSlot : int {
+  kEffectiveRank = 0,
+  kEffectiveRankRatio,
+  kTop1SingularShare,
+  kStableRank,
+  kConditionNumber,
+  kNumStats
+};
+
+FD_HD double inf_value() { return __builtin_huge_val(); }
+FD_HD double nan_value() { return __builtin_nan(""); }
+// True for finite x (NaN - NaN and inf - inf are NaN); needs no fast-math, which we never use.
+FD_HD bool is_finite(double x) { return (x - x) == 0.0; }
+
+// Threshold below which a Gram pivot / eigenvalue is treated as 0 (see the header comment).
+FD_HD double rank_cut(int n, double max_diag) { return n * kEps * max_diag; }
+
+// ---- round-robin pair order -----------------------------------------------------------------
+// ne = n rounded up to even; a sweep is ne - 1 rounds of ne / 2 disjoint pairs (circle method:
+// slot 0 is fixed, the other slots rotate by one per round). Returns p < q; q >= n marks the
+// dummy partner of an odd n (skip the pair).
+FD_HD int round_robin_player(int slot, int round, int ne) {
+  if (slot == 0) return 0;
+  const int v = slot - 1 + round;  // < 2 (ne - 1): one conditional subtraction is the modulo
+  return 1 + (v >= ne - 1 ? v - (ne - 1) : v);
+}
+FD_HD void round_robin_pair(int round, int k, int ne, int* p, int* q) {
+  const int a = round_robin_player(k, round, ne);
+  const int b = round_robin_player(ne - 1 - k, round, ne);
+  *p = a < b ? a : b;
+  *q = a < b ? b : a;
+}
+
+// ---- one Jacobi rotation --------------------------------------------------------------------
+// Rows p, q with squared norms a, b and inner product c. The rotation that zeroes c (Golub and
+// Van Loan, sym.schur2 on [[a, c], [c, b]]), t = tan(theta), |t| <= 1:
+//   r_p' = cs * r_p - sn * r_q,  r_q' = sn * r_p + cs * r_q,  |r_p'|^2 = a - t c, |r_q'|^2 = b + t c.
+// Rows are stored scaled (true row i = scale_i * stored row i), so a rotation costs two FMAs
+// per element ("fast" rotation): stored_p' = stored_p - alpha * stored_q,
+// stored_q' = stored_q + beta * stored_p with alpha = t s_q / s_p, beta = t s_p / s_q, and
+// s_p' = cs s_p, s_q' = cs s_q. Scales are folded back into the rows at every sweep start,
+// where the squared norms are also recomputed exactly (within a sweep they are tracked).
+FD_HD bool needs_rotation(double a, double b, double c) {
+  // |c| > tol sqrt(a b); squared, no sqrt (a, b <= ~1e80 for float32-range data: no overflow)
+  return c * c > (kJacobiTol * kJacobiTol) * (a * b);
+}
+FD_HD double jacobi_tangent(double a, double b, double c) {
+  const double zeta = (b - a) / (2.0 * c);
+  if (fabs(zeta) > 1e150) return 0.5 / zeta;  // sqrt(1 + zeta^2) would overflow; t ~ 1/(2 zeta)
+  return (zeta >= 0.0 ? 1.0 : -1.0) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
+}
+
+struct PairPlan {
+  bool rotate;
+  double alpha, beta;  // element update coefficients (see above)
+};
+// Decides pair (p, q) from the dot product of the stored rows and, if it rotates, updates the
+// scales s[p], s[q] and tracked squared norms a2[p], a2[q]. Shared by the CPU and GPU drivers.
+FD_HD PairPlan plan_pair(double stored_dot, int p, int q, double* s, double* a2) {
+  PairPlan plan;
+  plan.rotate = false;
+  plan.alpha = plan.beta = 0.0;
+  const double sp = s[p], sq = s[q];
+  const double a = a2[p], b = a2[q], c = sp * sq * stored_dot;
+  if (!needs_rotation(a, b, c)) return plan;
+  const double t = jacobi_tangent(a, b, c);
+  const double cs = 1.0 / sqrt(1.0 + t * t);
+  plan.rotate = true;
+  plan.alpha = t * (sq / sp);
+  plan.beta = t * (sp / sq);
+  s[p] = cs * sp;
+  s[q] = cs * sq;
+  const double ap = a - t * c;
+  a2[p] = ap > 0.0 ? ap : 0.0;
+  a2[q] = b + t * c;
+  return plan;
+}
+
+// Element loops. Strided forms: one thread (or lane) handles begin, begin + step, ... < end;
+// the CPU passes its own SIMD versions of the contiguous forms (RowOps below).
+FD_HD double dot_strided(const double* x, const double* y, int begin, int end, int step) {
+  double acc = 0.0;
+  for (int i = begin; i < end; i += step) acc += x[i] * y[i];
+  return acc;
+}
+FD_HD void update_strided(double* x, double* y, int begin, int end, int step, double alpha,
+                          double beta) {
+  for (int i = begin; i < end; i += step) {
+    const double u = x[i], v = y[i];
+    x[i] = u - alpha * v;
+    y[i] = v + beta * u;
+  }
+}
+FD_HD void scale_strided(double* x, int begin, int end, int step, double s) {
+  for (int i = begin; i < end; i += step) x[i] *= s;
+}
+
+// Portable contiguous row operations (the CPU build substitutes SIMD ones with the same API).
+struct RowOps {
+  static FD_HD double dot(const double* x, const double* y, int n) {
+    return dot_strided(x, y, 0, n, 1);
+  }
+  static FD_HD void update(double* x, double* y, int n, double alpha, double beta) {
+    update_strided(x, y, 0, n, 1, alpha, beta);
+  }
+  static FD_HD void scale(double* x, int n, double s) { scale_strided(x, 0, n, 1, s); }
+};
+
+// ---- Gram matrix ----------------------------------------------------------------------------
+// Adds Y[:, k0:k0+kc] Y[:, k0:k0+kc]^T into g (n x n, leading dimension ldg) from a dense
+// float64 panel buf (rows padded to a multiple of 4 with zeros, leading dimension ldb, kc
+// padded to a multiple of 8 with zeros). 4 x 4 register tiles of 8-wide partial sums; only
+// tiles on or above the diagonal are computed, then mirrored by the caller (gram_mirror).
+FD_HD void gram_panel_accumulate(const double* buf, int n4, int ldb, int kc, double* g, int ldg,
+                                 int n) {
+  for (int i0 = 0; i0 < n4; i0 += 4) {
+    for (int j0 = i0; j0 < n4; j0 += 4) {
+      double acc[4][4][8];
+      for (int u = 0; u < 4; ++u)
+        for (int v = 0; v < 4; ++v)
+          for (int l = 0; l < 8; ++l) acc[u][v][l] = 0.0;
+      const double* a0 = buf + (int64_t)i0 * ldb;
+      const double* b0 = buf + (int64_t)j0 * ldb;
+      for (int k = 0; k < kc; k += 8) {
+        for (int u = 0; u < 4; ++u) {
+          for (int v = 0; v < 4; ++v) {
+            for (int l = 0; l < 8; ++l) {
+              acc[u][v][l] += a0[(int64_t)u * ldb + k + l] * b0[(int64_t)v * ldb + k + l];
+            }
+          }
+        }
+      }
+      for (int u = 0; u < 4; ++u) {
+        for (int v = 0; v < 4; ++v) {
+          const int i = i0 + u, j = j0 + v;
+          if (i >= n || j >= n || j < i) continue;
+          double s = 0.0;
+          for (int l = 0; l < 8; ++l) s += acc[u][v][l];
+          g[(int64_t)i * ldg + j] += s;
+        }
+      }
+    }
+  }
+}
+FD_HD void gram_mirror(double* g, int n, int ldg) {
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < i; ++j) g[(int64_t)i * ldg + j] = g[(int64_t)j * ldg + i];
+}
+
+// ---- pivoted Cholesky, one step -------------------------------------------------------------
+// A is the full symmetric n x n working matrix (leading dimension lda), already holding rows
+// 0..k-1 of R in its upper part. After pivot j (>= k, largest remaining diagonal) has been
+// swapped into position k (rows and columns, whole matrix), these finish step k:
+//   cholesky_scale_row:    A[k, k] = sqrt(A[k, k]); A[k, j] /= A[k, k] for j > k
+//   cholesky_update_entry: A[i, j] -= A[k, i] * A[k, j] for i, j > k
+FD_HD void swap_values(double* a, double* b) {
+  const double t = *a;
+  *a = *b;
+  *b = t;
+}
+FD_HD double cholesky_update_entry(double aij, double rki, double rkj) { return aij - rki * rkj; }
+
+// Serial pivoted Cholesky on the full symmetric A (CPU; the GPU runs the same steps with the
+// loops split over threads). Returns k, the number of rows of R (0 for a zero matrix); rows
+// 0..k-1 of A hold R with zeros left of the diagonal.
+FD_HD int pivoted_cholesky(double* A, int n, int lda, double cut) {
+  int k = 0;
+  for (; k < n; ++k) {
+    int piv = k;
+    double best = A[(int64_t)k * lda + k];
+    for (int i = k + 1; i < n; ++i) {
+      const double d = A[(int64_t)i * lda + i];
+      if (d > best) {
+        best = d;
+        piv = i;
+      }
+    }
+    if (!(best > cut)) break;
+    if (piv != k) {
+      for (int j = 0; j < n; ++j) swap_values(&A[(int64_t)k * lda + j], &A[(int64_t)piv * lda + j]);
+      for (int i = 0; i < n; ++i) swap_values(&A[(int64_t)i * lda + k], &A[(int64_t)i * lda + piv]);
+    }
+    double* rk = A + (int64_t)k * lda;
+    const double d = sqrt(rk[k]);
+    rk[k] = d;
+    const double inv = 1.0 / d;
+    for (int j = k + 1; j < n; ++j) rk[j] *= inv;
+    for (int i = k + 1; i < n; ++i) {
+      double* ai = A + (int64_t)i * lda;
+      const double rki = rk[i];
+      for (int j = k + 1; j < n; ++j) ai[j] = cholesky_update_entry(ai[j], rki, rk[j]);
+    }
+  }
+  for (int i = 0; i < k; ++i)
+    for (int j = 0; j < i; ++j) A[(int64_t)i * lda + j] = 0.0;
+  return k;
+}
+
+// Folds the scales into the rows and recomputes their squared norms exactly (sweep start).
+template <typename Ops>
+FD_HD void jacobi_refresh(double* A, int k, int n, int lda, double* s, double* a2) {
+  for (int i = 0; i < k; ++i) {
+    double* ri = A + (int64_t)i * lda;
+    if (s[i] != 1.0) Ops::scale(ri, n, s[i]);
+    s[i] = 1.0;
+    a2[i] = Ops::dot(ri, ri, n);
+  }
+}
+
+// One-sided cyclic Jacobi on rows 0..k-1 (length n, leading dimension lda) of A, one thread.
+// Each round runs in three phases, as on the GPU: the dot products of its (disjoint) pairs, the
+// rotation plans, the row updates; since the pairs are disjoint this equals visiting them one
+// by one, but the independent scalar chains overlap. s, a2: k doubles each; dots: k / 2 + 1.
+// On return the rows are unscaled and a2 holds their exact squared norms (the eigenvalues of
+// G). Returns the sweeps run (the last found every pair orthogonal unless kMaxSweeps was hit),
+// 0 when k < 2.
+template <typename Ops>
+FD_HD int jacobi_rows(double* A, int k, int n, int lda, double* s, double* a2, double* dots) {
+  for (int i = 0; i < k; ++i) s[i] = 1.0;
+  jacobi_refresh<Ops>(A, k, n, lda, s, a2);
+  if (k < 2) return 0;
+  const int ne = k + (k & 1);
+  int sweep = 0;
+  bool clean = false;
+  while (!clean && sweep < kMaxSweeps) {
+    if (sweep++ > 0) jacobi_refresh<Ops>(A, k, n, lda, s, a2);
+    clean = true;
+    for (int round = 0; round < ne - 1; ++round) {
+      for (int slot = 0; slot < ne / 2; ++slot) {
+        int p, q;
+        round_robin_pair(round, slot, ne, &p, &q);
+        dots[slot] = q < k ? Ops::dot(A + (int64_t)p * lda, A + (int64_t)q * lda, n) : 0.0;
+      }
+      for (int slot = 0; slot < ne / 2; ++slot) {
+        int p, q;
+        round_robin_pair(round, slot, ne, &p, &q);
+        if (q >= k) continue;
+        const PairPlan plan = plan_pair(dots[slot], p, q, s, a2);
+        if (!plan.rotate) continue;
+        Ops::update(A + (int64_t)p * lda, A + (int64_t)q * lda, n, plan.alpha, plan.beta);
+        clean = false;
+      }
+    }
+  }
+  if (!clean) jacobi_refresh<Ops>(A, k, n, lda, s, a2);  // cap hit: leave rows unscaled
+  return sweep;
+}
+
+// ---- statistics from the eigenvalues of G ---------------------------------------------------
+// With sigma_i = sqrt(lambda_i) and S = sum sigma: H(p) = log S - (1/S) sum sigma log sigma, so
+// one pass of five sums gives every statistic (no sort, mergeable in any fixed tree order).
+struct SigmaSums {
+  double sum;       // sum sigma
+  double sum_slog;  // sum sigma log sigma (sigma > 0)
+  double sum_sq;    // sum sigma^2
+  double max;       // sigma_1
+  double min;       // sigma_r (zeros included)
+};
+FD_HD void sigma_init(SigmaSums* s) {
+  s->sum = 0.0;
+  s->sum_slog = 0.0;
+  s->sum_sq = 0.0;
+  s->max = 0.0;
+  s->min = inf_value();
+}
+FD_HD double sigma_from_lambda(double lambda, double cut) { return lambda > cut ? sqrt(lambda) : 0.0; }
+FD_HD void sigma_add(SigmaSums* s, double sigma) {
+  s->sum += sigma;
+  if (sigma > 0.0) s->sum_slog += sigma * log(sigma);
+  s->sum_sq += sigma * sigma;
+  s->max = sigma > s->max ? sigma : s->max;
+  s->min = sigma < s->min ? sigma : s->min;
+}
+FD_HD void sigma_merge(SigmaSums* s, const SigmaSums& o) {
+  s->sum += o.sum;
+  s->sum_slog += o.sum_slog;
+  s->sum_sq += o.sum_sq;
+  s->max = o.max > s->max ? o.max : s->max;
+  s->min = o.min < s->min ? o.min : s->min;
+}
+// r = min(rows, cols). A zero matrix gives effective rank 0, ratio 0, top-1 share 0, stable
+// rank 0 and condition number inf (sigma_r = 0).
+FD_HD void stats_finalize(const SigmaSums& s, int r, double* out) {
+  if (!(s.sum > 0.0)) {
+    out[kEffectiveRank] = 0.0;
+    out[kEffectiveRankRatio] = 0.0;
+    out[kTop1SingularShare] = 0.0;
+    out[kStableRank] = 0.0;
+    out[kConditionNumber] = inf_value();
+    return;
+  }
+  double h = log(s.sum) - s.sum_slog / s.sum;
+  h = h > 0.0 ? h : 0.0;  // rounding can give -1e-16 for rank one
+  const double erank = exp(h);
+  out[kEffectiveRank] = erank;
+  out[kEffectiveRankRatio] = erank / r;
+  out[kTop1SingularShare] = s.max / s.sum;
+  out[kStableRank] = s.sum_sq / (s.max * s.max);
+  out[kConditionNumber] = s.min > 0.0 ? s.max / s.min : inf_value();
+}
+FD_HD void stats_nonfinite(double* out) {
+  for (int i = 0; i < kNumStats; ++i) out[i] = nan_value();
+}
+
+}  // namespace spectral
+}  // namespace fastdiag

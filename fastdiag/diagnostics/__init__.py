@@ -1,0 +1,14 @@
+"""Drop-in, sync-free learning diagnostics classes (METRICS.md sections 1-3).
+
+- :class:`SetDiagnostics`: set routing (``ausa/`` keys), the user's class with its interface.
+- :class:`BaselineAttentionDiagnostics`: token attention (``baseline/`` keys).
+- :class:`WeightDiagnostics`: pooling weights, mixture gates, sparse codes (``{prefix}/`` keys).
+
+``update`` never synchronises with the device; ``get_epoch_stats`` copies once.
+"""
+
+from fastdiag.diagnostics.baseline import BaselineAttentionDiagnostics
+from fastdiag.diagnostics.set_diagnostics import SetDiagnostics
+from fastdiag.diagnostics.weight import WeightDiagnostics
+
+__all__ = ["BaselineAttentionDiagnostics", "SetDiagnostics", "WeightDiagnostics"]

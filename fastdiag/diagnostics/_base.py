@@ -1,0 +1,238 @@
+"""Machinery shared by the drop-in diagnostics classes.
+
+- :class:`_Epoch`: one :class:`~fastdiag.accumulator.Accumulator` for every batch value of an
+  epoch, plus the host-side record of which keys had their input provided (host metadata,
+  never device data). ``add`` stacks the values of one update into one tensor: one
+  accumulator kernel per update.
+- :class:`_ParamTracker`: gradient / parameter norms and the weight change against a device
+  copy of the previous parameters, with fused multi-tensor norms.
+- :func:`_embedding_values`: variance, mean row norm, sampled cosine (the seed's draw) and
+  non-finite row count of an embedding matrix.
+
+Epoch semantics (METRICS.md; the same as ``fastdiag.reference`` with ``count_mode="provided"``):
+a key's epoch value is the mean of its batch values over the updates that provided its input
+and where the value was defined (an undefined batch value is NaN, which the accumulator skips).
+A key whose input was never provided since ``reset()`` is absent; one provided but never
+defined is NaN. Keys starting with ``_`` are internal (error flags) and never returned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastdiag import ops
+from fastdiag.accumulator import Accumulator
+from fastdiag.diagnostics import _fallback
+from fastdiag.ops import norms as _norms
+
+COSINE_SAMPLES = 100  # rows drawn by the seed's sampled cosine estimate
+NONFINITE_ROWS = "health/nonfinite_rows"
+
+
+def nan(device: torch.device) -> Tensor:
+    """A float64 0-d NaN on ``device``."""
+    return torch.full((), math.nan, dtype=torch.float64, device=device)
+
+
+def normalised(h: Tensor, n: int) -> Tensor:
+    """``h / log n``; 0 when ``n == 1`` (one choice: no spread), NaN stays NaN."""
+    return h / math.log(n) if n > 1 else h * 0.0
+
+
+def check_tensor(x: Any, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float(x: Any, name: str) -> Tensor:
+    check_tensor(x, name)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+class _Epoch:
+    """The accumulator of one class and the keys provided since ``reset()``."""
+
+    def __init__(self) -> None:
+        self.acc = Accumulator()
+        self.provided: set[str] = set()
+
+    def add(self, values: Mapping[str, Tensor]) -> None:
+        """Record one update: ``values`` maps key -> 0-d tensor (NaN = provided but undefined)."""
+        if not values:
+            return
+        device = next(iter(values.values())).device
+        stacked = torch.stack(
+            [v.to(device=device, dtype=torch.float64).reshape(()) for v in values.values()]
+        )
+        self.acc.add(names=list(values), stacked=stacked)
+        self.provided.update(k for k in values if not k.startswith("_"))
+
+    def compute(self, sync_dist: bool, process_group: Any) -> dict[str, float]:
+        """Every registered mean (internal keys included): the one device->host copy."""
+        return self.acc.compute(sync_dist=sync_dist, process_group=process_group)
+
+    def reset(self) -> None:
+        self.acc.reset()
+        self.provided = set()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accumulator": self.acc.state_dict(), "provided": sorted(self.provided)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.acc.load_state_dict(state["accumulator"])
+        self.provided = set(state["provided"])
+
+
+def raise_flags(raw: Mapping[str, float], messages: Mapping[str, str]) -> None:
+    """Raise ValueError for every internal error flag (a count) that is > 0 this epoch."""
+    for key, message in messages.items():
+        value = raw.get(key, 0.0)
+        if value > 0:
+            raise ValueError(message)
+
+
+class _ParamTracker:
+    """Gradient norm, parameter norm and weight change of a name -> tensor dict, on device.
+
+    The previous parameters are device copies, refreshed in place (``torch._foreach_copy_``)
+    while the names, shapes and dtypes stay the same.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.prev: dict[str, Tensor] | None = None
+
+    def check(self, params: Any) -> None:
+        """Host-side checks: a non-empty dict of tensors whose shapes match the previous update."""
+        if not isinstance(params, Mapping):
+            raise TypeError(f"{self.name} must be a dict name -> Parameter, got {type(params).__name__}")
+        if not params:
+            raise ValueError(f"{self.name} must hold at least one parameter, got an empty dict")
+        for n, p in params.items():
+            check_tensor(p, f"{self.name}[{n!r}]")
+            if self.prev is not None and n in self.prev and self.prev[n].shape != p.shape:
+                raise ValueError(
+                    f"{self.name}[{n!r}] changed shape from {tuple(self.prev[n].shape)} "
+                    f"to {tuple(p.shape)} between updates"
+                )
+
+    def update(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(gradient norm, parameter norm, weight change or NaN without a previous update)."""
+        self.check(params)
+        names = list(params)
+        tensors = [params[n].detach() for n in names]
+        device = tensors[0].device
+        grads = [p.grad.detach() for p in params.values() if p.grad is not None]
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        grad_norm = _norms.total_norm(grads).to(device) if grads else zero
+        param_norm = _norms.total_norm(tensors).to(device)
+        prev = self.prev
+        if prev is None:
+            change = nan(device)
+        else:
+            common = [i for i, n in enumerate(names) if n in prev]
+            if common:
+                cur = [tensors[i] for i in common]
+                old = [prev[names[i]].to(tensors[i].device) for i in common]
+                change = _norms.diff_norms(cur, old).to(device).square().sum().sqrt()
+            else:
+                change = zero
+        self._snapshot(names, tensors)
+        return grad_norm, param_norm, change
+
+    def _snapshot(self, names: list[str], tensors: list[Tensor]) -> None:
+        prev = self.prev
+        same = (
+            prev is not None
+            and list(prev) == names
+            and all(
+                p.shape == t.shape and p.dtype == t.dtype and p.device == t.device
+                for p, t in zip(prev.values(), tensors, strict=True)
+            )
+        )
+        if same:
+            torch._foreach_copy_(list(prev.values()), tensors)
+        else:
+            self.prev = {n: t.clone() for n, t in zip(names, tensors, strict=True)}
+
+    def state_dict(self) -> dict[str, Tensor] | None:
+        return None if self.prev is None else {k: v.clone() for k, v in self.prev.items()}
+
+    def load_state_dict(self, prev: Mapping[str, Tensor] | None) -> None:
+        self.prev = None if prev is None else {k: v.clone() for k, v in prev.items()}
+
+
+def sample_rows(m: int, generator: torch.Generator | None, samples: int = COSINE_SAMPLES) -> Tensor:
+    """The seed's draw: ``randperm(m)[:min(samples, m)]`` on the generator's device (CPU global RNG)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randperm(m, generator=generator, device=device)[: min(samples, m)]
+
+
+def embedding_values(
+    x: Tensor, generator: torch.Generator | None, samples: int = COSINE_SAMPLES
+) -> dict[str, Tensor]:
+    """Batch values of an embedding tensor [..., D] seen as rows [M, D].
+
+    Returns float64 0-d tensors: ``variance`` (per-column unbiased variance over the rows,
+    averaged over columns), ``norm_mean`` (mean row L2 norm), ``cosine_mean`` / ``cosine_max``
+    (off-diagonal cosine of ``min(samples, M)`` rows drawn as the seed does; no draw when
+    M < 2), ``nonfinite`` (rows with a NaN / inf entry, excluded from every value), and
+    ``clean``: the rows [M, D] with invalid rows zeroed (float32 or wider).
+    """
+    d = x.shape[-1]
+    rows = x.detach().reshape(-1, d)
+    if rows.dtype in (torch.float16, torch.bfloat16):
+        rows = rows.float()
+    m = rows.shape[0]
+    device = rows.device
+    valid = torch.isfinite(rows).all(-1)
+    clean = torch.where(valid[:, None], rows, torch.zeros((), dtype=rows.dtype, device=device))
+    n = valid.sum().to(torch.float64)
+    col_mean = clean.sum(0) / n.to(rows.dtype)
+    dev = torch.where(valid[:, None], rows - col_mean, torch.zeros((), dtype=rows.dtype, device=device))
+    variance = (dev.square().sum(0).to(torch.float64) / (n - 1)).mean()
+    norm_mean = torch.linalg.vector_norm(clean, dim=1).to(torch.float64).sum() / n
+    out = {
+        "variance": torch.where(n > 1, variance, nan(device)),
+        "norm_mean": norm_mean,
+        "nonfinite": (m - n),
+        "clean": clean,
+    }
+    if m < 2:
+        out["cosine_mean"] = out["cosine_max"] = nan(device)
+        return out
+    idx = sample_rows(m, generator, samples).to(device, non_blocking=True)
+    sample = clean[idx]
+    cos = _fallback.resolve("cosine_stats")(sample)
+    # zeroed (invalid) rows have cosine 0 with every row: rescale the mean to the valid pairs
+    k = idx.numel()
+    v = valid[idx].sum().to(torch.float64)
+    pairs = v * (v - 1)
+    out["cosine_mean"] = torch.where(pairs > 0, cos.mean.to(torch.float64) * (k * (k - 1)) / pairs, nan(device))
+    out["cosine_max"] = torch.where(pairs > 0, cos.max.to(torch.float64), nan(device))
+    return out
+
+
+def effective_rank_mean(clean: Tensor) -> Tensor:
+    """Mean over the leading axes of the effective rank of each [S, D] matrix, float64 0-d."""
+    erank = _fallback.resolve("effective_rank")(clean)
+    return erank.to(torch.float64).mean()
+
+
+__all__ = [
+    "COSINE_SAMPLES",
+    "NONFINITE_ROWS",
+    "embedding_values",
+    "effective_rank_mean",
+    "nan",
+    "normalised",
+    "ops",
+]

@@ -1,0 +1,39 @@
+"""Metrics store and logging sinks.
+
+``MetricsLogger`` writes ``{name: value}`` per step to a SQLite file (WAL, one transaction per
+flush, from a background thread) and optionally to a JSONL summary, TensorBoard and
+Weights & Biases. The readers (``list_runs``, ``metric_names``, ``load_metrics``,
+``history``) open the file read-only and work while a run is writing.
+"""
+
+from fastdiag.logging.logger import DROPPED_KEY, MetricsLogger
+from fastdiag.logging.sinks import JSONLSink, Row, Sink, SQLiteSink, TensorBoardSink, WandbSink
+from fastdiag.logging.store import (
+    RunInfo,
+    Series,
+    decode_value,
+    encode_value,
+    history,
+    list_runs,
+    load_metrics,
+    metric_names,
+)
+
+__all__ = [
+    "DROPPED_KEY",
+    "JSONLSink",
+    "MetricsLogger",
+    "Row",
+    "RunInfo",
+    "SQLiteSink",
+    "Series",
+    "Sink",
+    "TensorBoardSink",
+    "WandbSink",
+    "decode_value",
+    "encode_value",
+    "history",
+    "list_runs",
+    "load_metrics",
+    "metric_names",
+]

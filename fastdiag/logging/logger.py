@@ -1,0 +1,454 @@
+"""``MetricsLogger``: a non-blocking metrics logger with a SQLite store and optional sinks.
+
+The training thread only snapshots values: Python numbers are kept as they are, one-element
+tensors are stacked per (device, dtype) into one tensor and, on CUDA, copied to pinned host
+memory with ``non_blocking=True`` behind a CUDA event (one copy per group, no host sync).
+A background writer thread waits on the events, turns the values into rows and hands them
+to every sink once per flush (every ``flush_interval`` seconds, every ``flush_rows`` rows,
+or on :meth:`flush` / :meth:`close`). A sink that fails (disk error, locked database,
+network) never raises into the training loop: the logger warns once, keeps up to
+``max_buffer_rows`` rows for that sink (dropping the oldest beyond that), retries with
+backoff, and reports the number of dropped rows in the ``health/logger_dropped`` metric.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import numbers
+import os
+import socket
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Mapping, Sequence
+from itertools import repeat
+from typing import Any
+
+import torch
+
+from fastdiag.logging.sinks import JSONLSink, Row, Sink, SQLiteSink, TensorBoardSink, WandbSink
+from fastdiag.logging.store import RunInfo
+
+DROPPED_KEY = "health/logger_dropped"
+_MAX_BACKOFF = 30.0
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else RANK / WORLD_SIZE."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:  # noqa: BLE001 - a broken dist setup must not stop logging
+        pass
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+class _SinkState:
+    """Retry bookkeeping of one sink (writer thread only)."""
+
+    def __init__(self, sink: Sink, interval: float) -> None:
+        self.sink = sink
+        self.opened = False
+        self.pending: list[Row] = []
+        self.dropped = 0
+        self.reported = 0.0
+        self.warned = False
+        self.retry_at = 0.0
+        self.base_backoff = max(interval, 0.05)
+        self.backoff = self.base_backoff
+
+    def deliver(
+        self, rows: list[Row], forced: bool, max_rows: int, dropped: Row | None
+    ) -> str | None:
+        """Write pending + ``rows`` (+ the ``dropped`` count row when it changed for this
+        sink; it is regenerated, never buffered); returns a warning on the first failure."""
+        if self.pending:
+            self.pending.extend(rows)
+            batch = self.pending
+        else:
+            batch = rows
+        if dropped is not None and dropped[2] == self.reported:
+            dropped = None
+        if not batch and dropped is None and not forced:
+            return None
+        now = time.monotonic()
+        if self.pending and not forced and now < self.retry_at:
+            self._trim(max_rows)
+            return None
+        try:
+            if not self.opened:
+                self.sink.open()
+                self.opened = True
+            if dropped is not None:
+                self.sink.write(batch + [dropped])
+            elif batch:
+                self.sink.write(batch)
+            if forced:
+                self.sink.flush()
+        except Exception as exc:  # noqa: BLE001 - any sink failure is kept away from training
+            if batch is rows:
+                self.pending = list(rows)
+            self._trim(max_rows)
+            self.retry_at = now + self.backoff
+            self.backoff = min(self.backoff * 2.0, _MAX_BACKOFF)
+            if not self.warned:
+                self.warned = True
+                return (
+                    f"fastdiag.MetricsLogger: the {self.sink.name} sink failed "
+                    f"({type(exc).__name__}: {exc}); keeping up to {max_rows} rows in memory "
+                    f"and retrying; dropped rows are counted in {DROPPED_KEY!r}"
+                )
+            return None
+        self.pending = []
+        self.backoff = self.base_backoff
+        if dropped is not None:
+            self.reported = dropped[2]
+        return None
+
+    def _trim(self, max_rows: int) -> None:
+        excess = len(self.pending) - max_rows
+        if excess > 0:
+            del self.pending[:excess]
+            self.dropped += excess
+
+
+class MetricsLogger:
+    """Log ``{name: float | one-element tensor}`` per step without blocking the training loop.
+
+    ``path``: the SQLite file (default sink; ``None`` for none). ``run``: the run's name
+    (default ``run-<date>-<time>``); logging to an existing run appends to it and re-logging
+    a (run, step, name) replaces the value. ``config``: a JSON-able dict stored with the run.
+    Optional sinks: ``jsonl=PATH`` (a summary line every ``jsonl_every`` steps),
+    ``tensorboard=LOG_DIR``, ``wandb=True`` or a dict of ``wandb.init`` arguments, and any
+    :class:`~fastdiag.logging.Sink` in ``sinks``. With ``rank_zero_only`` (default) only
+    global rank 0 writes and other ranks' calls do nothing; otherwise every rank writes, to
+    the run ``<run>-rank<r>``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        run: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        *,
+        jsonl: str | os.PathLike[str] | None = None,
+        jsonl_every: int = 100,
+        tensorboard: str | os.PathLike[str] | None = None,
+        wandb: bool | Mapping[str, Any] = False,
+        sinks: Sequence[Sink] = (),
+        rank_zero_only: bool = True,
+        flush_interval: float = 1.0,
+        flush_rows: int = 50_000,
+        max_buffer_rows: int = 500_000,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if run is not None and (not isinstance(run, str) or not run):
+            raise TypeError(f"run must be a non-empty str or None, got {run!r}")
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping or None, got {type(config).__name__}")
+        if flush_interval <= 0:
+            raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
+        if flush_rows < 1 or max_buffer_rows < 1:
+            raise ValueError(
+                f"flush_rows and max_buffer_rows must be >= 1, got {flush_rows!r} and "
+                f"{max_buffer_rows!r}"
+            )
+        rank, world = _rank_and_world()
+        self.rank = rank
+        self.active = rank == 0 or not rank_zero_only
+        name = run or time.strftime("run-%Y%m%d-%H%M%S")
+        if not rank_zero_only and world > 1:
+            name = f"{name}-rank{rank}"
+        from fastdiag import __version__
+
+        self.run_info = RunInfo(
+            name=name,
+            config=dict(config or {}),
+            start_time=time.time(),
+            host=socket.gethostname(),
+            fastdiag_version=__version__,
+            torch_version=torch.__version__,
+        )
+        self.run = name
+        self._interval = float(flush_interval)
+        self._flush_rows = int(flush_rows)
+        self._max_rows = int(max_buffer_rows)
+        self._cv = threading.Condition(threading.Lock())
+        self._queue: deque[tuple[Any, ...]] = deque()
+        self._queued_rows = 0
+        self._queue_dropped = 0
+        self._ticket = 0
+        self._ticket_done = 0
+        self._closing = False
+        self._closed = False
+        self._warnings: list[str] = []
+        self._warned_after_close = False
+        self._last_step: int | None = None
+        self._states: list[_SinkState] = []
+        self._thread: threading.Thread | None = None
+        if not self.active:
+            return
+
+        chosen: list[Sink] = []
+        if path is not None:
+            chosen.append(SQLiteSink(path, busy_timeout=busy_timeout))
+        if jsonl is not None:
+            chosen.append(JSONLSink(jsonl, every=jsonl_every))
+        if tensorboard is not None:
+            chosen.append(TensorBoardSink(tensorboard))
+        if wandb:
+            chosen.append(WandbSink(**(dict(wandb) if isinstance(wandb, Mapping) else {})))
+        for sink in sinks:
+            if not isinstance(sink, Sink):
+                raise TypeError(f"sinks must hold Sink instances, got {type(sink).__name__}")
+            chosen.append(sink)
+        for sink in chosen:
+            sink.prepare(self.run_info)
+        self.sinks: tuple[Sink, ...] = tuple(chosen)
+        self._states = [_SinkState(sink, self._interval) for sink in chosen]
+        self._thread = threading.Thread(
+            target=self._writer, name=f"fastdiag-logger-{name}", daemon=True
+        )
+        self._thread.start()
+        self._atexit = functools.partial(_close_at_exit, weakref.ref(self))
+        atexit.register(self._atexit)
+
+    # ------------------------------------------------------------------ training thread
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Queue ``metrics`` (floats, ints, or one-element tensors on any device) at ``step``.
+
+        Returns at once: no host sync, no I/O. Values are snapshotted now (CPU tensors are
+        copied, CUDA tensors copied asynchronously in stream order).
+        """
+        if not self.active:
+            return
+        if self._warnings:
+            self._emit_warnings()
+        if type(step) is not int:
+            if isinstance(step, numbers.Integral) and not isinstance(step, bool):
+                step = int(step)
+            else:
+                raise TypeError(f"step must be an int, got {type(step).__name__}")
+        names: list[str] = []
+        values: list[Any] = []
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[str], list[torch.Tensor]]] = {}
+        for name, value in metrics.items():
+            if type(name) is not str:
+                raise TypeError(f"metric names must be str, got {type(name).__name__}")
+            cls = type(value)
+            if cls is float or cls is int:
+                names.append(name)
+                values.append(value)
+            elif isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(
+                        f"metric {name!r} must be a one-element tensor, got shape "
+                        f"{tuple(value.shape)}"
+                    )
+                group = groups.get((value.device, value.dtype))
+                if group is None:
+                    group = groups[(value.device, value.dtype)] = ([], [])
+                group[0].append(name)
+                group[1].append(value)
+            elif isinstance(value, numbers.Real):
+                names.append(name)
+                values.append(float(value))
+            else:
+                raise TypeError(
+                    f"metric {name!r} must be a float, an int or a one-element tensor, "
+                    f"got {type(value).__name__}"
+                )
+        tensor_groups = []
+        if groups:
+            with torch.no_grad():
+                for (device, dtype), (group_names, tensors) in groups.items():
+                    if dtype.is_complex:
+                        raise TypeError(f"metric {group_names[0]!r} is a complex tensor")
+                    stacked = torch.stack([t if t.dim() == 0 else t.reshape(()) for t in tensors])
+                    event = None
+                    if device.type == "cuda":
+                        host = stacked.to("cpu", non_blocking=True)  # pinned, stream-ordered
+                        event = torch.cuda.Event()
+                        event.record(torch.cuda.current_stream(device))
+                    elif device.type == "cpu":
+                        host = stacked  # stack already copied: later in-place edits are not seen
+                    else:
+                        host = stacked.to("cpu")
+                    tensor_groups.append((group_names, host, event))
+        count = len(names) + sum(len(g[0]) for g in tensor_groups)
+        if count == 0:
+            return
+        batch = (step, time.time(), names, values, tensor_groups, count)
+        with self._cv:
+            if self._closing:
+                self._log_after_close()
+                return
+            self._queue.append(batch)
+            self._queued_rows += count
+            while self._queued_rows > self._max_rows and len(self._queue) > 1:
+                old = self._queue.popleft()
+                self._queued_rows -= old[-1]
+                self._queue_dropped += old[-1]
+            if self._queued_rows >= self._flush_rows:
+                self._cv.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write everything logged so far to every sink; True when every sink stored it all.
+
+        Blocks until the writer has tried (or ``timeout`` seconds passed). A failing sink
+        keeps its rows buffered and makes this return False; it never raises.
+        """
+        if not self.active or self._thread is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            if self._closed:
+                return not any(s.pending for s in self._states)
+            self._ticket += 1
+            ticket = self._ticket
+            self._cv.notify_all()
+            while self._ticket_done < ticket and self._thread.is_alive():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cv.wait(0.1 if remaining is None else min(remaining, 0.1))
+            done = self._ticket_done >= ticket
+        self._emit_warnings()
+        return done and not any(s.pending for s in self._states)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, stop the writer thread and close the sinks (idempotent; also run at exit)."""
+        if not self.active or self._thread is None:
+            return
+        with self._cv:
+            if self._closing:
+                already = True
+            else:
+                already = False
+                self._closing = True
+                self._cv.notify_all()
+        if not already:
+            self._thread.join(timeout)
+            atexit.unregister(self._atexit)
+            with self._cv:
+                self._closed = True
+            lost = sum(len(s.pending) for s in self._states)
+            if lost:
+                self._warnings.append(
+                    f"fastdiag.MetricsLogger: {lost} rows could not be stored before close "
+                    f"(run {self.run!r}); {self.dropped} rows dropped in all"
+                )
+        self._emit_warnings()
+
+    @property
+    def dropped(self) -> int:
+        """Rows dropped so far: queue overflow plus rows no sink could keep buffered."""
+        return self._queue_dropped + sum(s.dropped for s in self._states)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _log_after_close(self) -> None:
+        if not self._warned_after_close:
+            self._warned_after_close = True
+            self._warnings.append(
+                f"fastdiag.MetricsLogger: log() after close() is ignored (run {self.run!r})"
+            )
+
+    def _emit_warnings(self) -> None:
+        with self._cv:
+            messages, self._warnings = self._warnings, []
+        for message in messages:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _writer(self) -> None:
+        while True:
+            with self._cv:
+                if not (
+                    self._closing
+                    or self._ticket > self._ticket_done
+                    or self._queued_rows >= self._flush_rows
+                ):
+                    self._cv.wait(self._interval)
+                batches = list(self._queue)
+                self._queue.clear()
+                self._queued_rows = 0
+                ticket = self._ticket
+                closing = self._closing
+                forced = closing or ticket > self._ticket_done
+            try:
+                rows = self._resolve(batches)
+                self._deliver(rows, forced)
+            except Exception as exc:  # noqa: BLE001 - the writer must survive anything
+                with self._cv:
+                    self._warnings.append(
+                        f"fastdiag.MetricsLogger: writer error ({type(exc).__name__}: {exc})"
+                    )
+            with self._cv:
+                self._ticket_done = ticket
+                self._cv.notify_all()
+            if closing:
+                break
+        for state in self._states:
+            if state.opened:
+                try:
+                    state.sink.close()
+                except Exception as exc:  # noqa: BLE001
+                    self._warnings.append(
+                        f"fastdiag.MetricsLogger: closing the {state.sink.name} sink failed "
+                        f"({type(exc).__name__}: {exc})"
+                    )
+
+    def _resolve(self, batches: list[tuple[Any, ...]]) -> list[Row]:
+        rows: list[Row] = []
+        for step, wall, names, values, tensor_groups, _count in batches:
+            if names:
+                rows.extend(zip(repeat(step), names, map(float, values), repeat(wall)))
+            for group_names, host, event in tensor_groups:
+                try:
+                    if event is not None:
+                        event.synchronize()
+                    host_values = host.tolist()  # host ok: writer thread, after the event
+                except Exception as exc:  # noqa: BLE001 - e.g. a failed CUDA kernel
+                    self._queue_dropped += len(group_names)
+                    with self._cv:
+                        self._warnings.append(
+                            f"fastdiag.MetricsLogger: could not read tensors at step {step} "
+                            f"({type(exc).__name__}: {exc})"
+                        )
+                    continue
+                rows.extend(zip(repeat(step), group_names, map(float, host_values), repeat(wall)))
+            if self._last_step is None or step > self._last_step:
+                self._last_step = step
+        return rows
+
+    def _deliver(self, rows: list[Row], forced: bool) -> None:
+        dropped = self.dropped
+        dropped_row = None
+        if dropped and self._last_step is not None:
+            dropped_row = (self._last_step, DROPPED_KEY, float(dropped), time.time())
+        for state in self._states:
+            message = state.deliver(rows, forced, self._max_rows, dropped_row)
+            if message is not None:
+                with self._cv:
+                    self._warnings.append(message)
+
+
+def _close_at_exit(ref: weakref.ref[MetricsLogger]) -> None:
+    logger = ref()
+    if logger is not None:
+        logger.close(timeout=30.0)

@@ -1,0 +1,491 @@
+"""Triton backend of ``fastdiag::dist_stats`` (see ``fastdiag.ops._dist_stats`` for the contract).
+
+One read of ``x4`` [A, G, C, N]: each program owns ``BLOCK_R`` rows ``r = a * C + c`` and loops
+over the G heads, accumulating the head-mean row in registers while it computes the per-head
+statistics. A row of up to ``TILE_N_MAX`` entries is one tile; longer rows loop over blocks of
+``LOOP_BLOCK_N`` columns (additive statistics and a running top-k merge; logits then take a
+first pass for each head's max and normaliser, an online softmax, and a second pass for the
+statistics). Each program writes float64 partials ``[Slot.NUM + 4 G, num_programs]`` (one
+column per program); a second kernel reduces every row of that buffer in a fixed order, so the
+result is deterministic and no float atomic is used.
+
+Top-k uses packed int64 keys: the high 32 bits are the float bits mapped to an order-preserving
+integer, the low 32 bits ``2^32 - 1 - j``; the max key is the largest value and, among equal
+values, the lowest index. k rounds of (max, knock out) give the top-k, ties to the lower index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastdiag import backends
+from fastdiag.ops._dist_stats import MAX_TOPK, HeadSlot, RowSlot, Slot
+
+# Launch geometry, read at every call (tests lower them to reach the multi-block paths on small
+# shapes). The GPU choices, for a bandwidth-bound op whose floor is one read of x4:
+# * TILE_N_MAX = 8192: a row of <= 8192 entries is held in one tile (8192 fp32 over 16 warps is
+#   16 values per thread for the head-mean accumulator, the same again for the loaded head row)
+#   so logits need no second pass; longer rows stream in LOOP_BLOCK_N = 4096 column blocks.
+# * TILE_ELEMS = 4096: short rows are packed BLOCK_R per program so one load per head moves
+#   4096 entries (8-16 KiB): with 8 warps that is two or four 16-byte vector loads per thread and
+#   per head, enough bytes in flight with a few programs resident per SM; smaller tiles leave the
+#   loop latency-bound, larger ones cost registers (occupancy) for no extra bandwidth.
+# * num_warps = tile / 512 (1..16): 16 fp32 values per thread per tile keeps the accumulators,
+#   the loaded row and the softmax temporaries within ~128 registers (no spills).
+# * Per-head accumulators live in registers ([BLOCK_R, G_PAD] each) while G_PAD <= HEAD_REG_MAX and
+#   BLOCK_R * G_PAD <= HEAD_REG_ELEMS; beyond, per-(row, head, block) head statistics and per-head
+#   softmax constants go to small float32 scratch buffers (16 bytes per head row, <1% of the read).
+TILE_N_MAX = 8192
+LOOP_BLOCK_N = 4096
+TILE_ELEMS = 4096
+MAX_BLOCK_R = 256
+HEAD_REG_MAX = 64
+HEAD_REG_ELEMS = 1024
+FINAL_BLOCK = 1024
+
+_S_COUNT = tl.constexpr(Slot.COUNT)
+_S_ENTROPY = tl.constexpr(Slot.ENTROPY)
+_S_ENTROPY_SQ = tl.constexpr(Slot.ENTROPY_SQ)
+_S_MAX = tl.constexpr(Slot.MAX)
+_S_MAX_SQ = tl.constexpr(Slot.MAX_SQ)
+_S_SUMSQ = tl.constexpr(Slot.SUMSQ)
+_S_GT_TAU = tl.constexpr(Slot.GT_TAU)
+_S_GT_EPS = tl.constexpr(Slot.GT_EPS)
+_S_ROWSUM_ERR = tl.constexpr(Slot.ROWSUM_ERR)
+_S_ROWSUM_ERR_MAX = tl.constexpr(Slot.ROWSUM_ERR_MAX)
+_S_FUTURE = tl.constexpr(Slot.FUTURE)
+_S_FUTURE_MAX = tl.constexpr(Slot.FUTURE_MAX)
+_S_LOCAL = tl.constexpr(Slot.LOCAL)
+_S_ABS_DEV = tl.constexpr(Slot.ABS_DEV)
+_S_NONFINITE = tl.constexpr(Slot.NONFINITE)
+_S_MASKED = tl.constexpr(Slot.MASKED)
+_S_NUM = tl.constexpr(Slot.NUM)
+_H_ENTROPY = tl.constexpr(HeadSlot.ENTROPY)
+_H_MAX = tl.constexpr(HeadSlot.MAX)
+_H_GT_TAU = tl.constexpr(HeadSlot.GT_TAU)
+_H_SUMSQ = tl.constexpr(HeadSlot.SUMSQ)
+_H_NUM = tl.constexpr(HeadSlot.NUM)
+_R_ENTROPY = tl.constexpr(RowSlot.ENTROPY)
+_R_MAX = tl.constexpr(RowSlot.MAX)
+_R_GT_EPS = tl.constexpr(RowSlot.GT_EPS)
+_R_SUMSQ = tl.constexpr(RowSlot.SUMSQ)
+_R_NUM = tl.constexpr(RowSlot.NUM)
+_MINKEY = tl.constexpr(-(2**63))  # below the key of every float, -inf included
+
+
+@triton.jit
+def _entr(p):
+    """-p log p elementwise, 0 where p <= 0."""
+    pos = p > 0
+    return tl.where(pos, -p * tl.log(tl.where(pos, p, 1.0)), 0.0)
+
+
+@triton.jit
+def _load_head(x_ptr, hoff, cols64, stride_n, cm):
+    """One head's [BLOCK_R, BLOCK_N] tile as float32 (padding loads 0)."""
+    ptrs = x_ptr + (hoff[:, None] + cols64[None, :] * stride_n)
+    return tl.load(ptrs, mask=cm, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dist_stats_kernel(
+    x_ptr,
+    mask_ptr,
+    part_ptr,
+    rows_ptr,
+    topk_ptr,
+    hs_ptr,
+    ms_ptr,
+    valid_ptr,
+    R,
+    G,
+    C,
+    N,
+    stride_a,
+    stride_g,
+    stride_c,
+    stride_n,
+    tau,
+    eps,
+    window,
+    query_offset,
+    query_len,
+    num_blocks_n,
+    LOGITS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WANT_ROWS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    TOPK: tl.constexpr,
+    K_PAD: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    MULTI_HEAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    NEG_INF: tl.constexpr = float("-inf")
+    pid = tl.program_id(0).to(tl.int64)
+    npg = tl.num_programs(0).to(tl.int64)
+    # Scalar arguments may arrive as constexprs (Triton specialises the value 1): tl.cast, no .to().
+    r64 = tl.cast(R, tl.int64)
+    n32 = tl.cast(N, tl.float32)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < R
+    a = rows // C
+    rbase = a * stride_a + (rows - a * C) * stride_c  # int64 element offsets
+    qi = rows % query_len + query_offset
+    kcol = tl.arange(0, K_PAD)
+    inv_n = 1.0 / n32
+
+    rowbad = tl.zeros([BLOCK_R], tl.int32)  # 1 when some head has a non-finite entry
+
+    # Pass 1, long logit rows only: each head's max and normaliser by online softmax, kept in
+    # the [G, 2, R] scratch ``ms`` (a barrier makes it visible to the whole program).
+    if LOGITS and not ONE_BLOCK:
+        hoff = rbase
+        mptr = ms_ptr + rows
+        for g in range(G):
+            m = tl.full([BLOCK_R], NEG_INF, tl.float32)
+            s = tl.zeros([BLOCK_R], tl.float32)
+            for nb in range(num_blocks_n):
+                cols64 = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+                cm = row_ok[:, None] & (cols64 < N)[None, :]
+                x = _load_head(x_ptr, hoff, cols64, stride_n, cm)
+                bad = (x != x) | (x == float("inf"))
+                rowbad = rowbad | tl.max(bad.to(tl.int32), axis=1)
+                x = tl.where(bad | (~cm), NEG_INF, x)
+                m_new = tl.maximum(m, tl.max(x, axis=1))
+                m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+                m = m_new
+            rowbad = rowbad | (m == NEG_INF).to(tl.int32)
+            tl.store(mptr, m, mask=row_ok)
+            tl.store(mptr + r64, s, mask=row_ok)
+            hoff += stride_g  # int64 running offsets: no int32 g * stride
+            mptr += 2 * r64
+        tl.debug_barrier()
+
+    # Pass 2: per-head probabilities and head statistics, head-mean row and its statistics.
+    ent = tl.zeros([BLOCK_R], tl.float32)
+    mx = tl.full([BLOCK_R], NEG_INF, tl.float32)
+    sq = tl.zeros([BLOCK_R], tl.float32)
+    gtau = tl.zeros([BLOCK_R], tl.float32)
+    geps = tl.zeros([BLOCK_R], tl.float32)
+    rsum = tl.zeros([BLOCK_R], tl.float32)
+    adev = tl.zeros([BLOCK_R], tl.float32)
+    fut = tl.zeros([BLOCK_R], tl.float32)
+    loc = tl.zeros([BLOCK_R], tl.float32)
+    best = tl.full([BLOCK_R, K_PAD], _MINKEY, tl.int64)
+    for nb in range(num_blocks_n):
+        cols64 = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        cm = row_ok[:, None] & (cols64 < N)[None, :]
+        pacc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        hoff = rbase
+        mptr = ms_ptr + rows
+        hptr = hs_ptr + rows + nb * _H_NUM * r64  # [G, num_blocks_n, 4, R] scratch
+        for g in range(G):
+            x = _load_head(x_ptr, hoff, cols64, stride_n, cm)
+            if LOGITS:
+                bad = (x != x) | (x == float("inf"))
+                x = tl.where(bad | (~cm), NEG_INF, x)
+                if ONE_BLOCK:
+                    m = tl.max(x, axis=1)
+                    rowbad = rowbad | tl.max(bad.to(tl.int32), axis=1) | (m == NEG_INF).to(tl.int32)
+                    e = tl.exp(x - tl.where(m == NEG_INF, 0.0, m)[:, None])
+                    s = tl.sum(e, axis=1)
+                else:
+                    m = tl.load(mptr, mask=row_ok, other=NEG_INF)
+                    s = tl.load(mptr + r64, mask=row_ok, other=0.0)
+                    e = tl.exp(x - tl.where(m == NEG_INF, 0.0, m)[:, None])
+                ph = e / tl.where(s > 0, s, 1.0)[:, None]
+            else:
+                ok = (x == x) & (tl.abs(x) != float("inf"))
+                rowbad = rowbad | tl.max((~ok).to(tl.int32), axis=1)
+                ph = tl.where(ok, x, 0.0)
+            pacc += ph
+            if MULTI_HEAD:  # one head: the head stats are the row stats (finalize copies them)
+                tl.store(hptr + _H_ENTROPY * r64, tl.sum(_entr(ph), axis=1), mask=row_ok)
+                tl.store(hptr + _H_MAX * r64, tl.max(tl.where(cm, ph, NEG_INF), axis=1), mask=row_ok)
+                tl.store(
+                    hptr + _H_GT_TAU * r64,
+                    tl.sum(((ph > tau) & cm).to(tl.float32), axis=1),
+                    mask=row_ok,
+                )
+                tl.store(hptr + _H_SUMSQ * r64, tl.sum(ph * ph, axis=1), mask=row_ok)
+            hoff += stride_g
+            mptr += 2 * r64
+            hptr += num_blocks_n * _H_NUM * r64
+        p = pacc / G
+        ent += tl.sum(_entr(p), axis=1)
+        mx = tl.maximum(mx, tl.max(tl.where(cm, p, NEG_INF), axis=1))
+        sq += tl.sum(p * p, axis=1)
+        gtau += tl.sum(((p > tau) & cm).to(tl.float32), axis=1)
+        geps += tl.sum(((p > eps) & cm).to(tl.float32), axis=1)
+        rsum += tl.sum(p, axis=1)
+        adev += tl.sum(tl.where(cm, tl.abs(p - inv_n), 0.0), axis=1)
+        fut += tl.sum(tl.where(cols64[None, :] > qi[:, None], p, 0.0), axis=1)
+        if HAS_WINDOW:
+            near = tl.abs(cols64[None, :] - qi[:, None]) <= window
+            loc += tl.sum(tl.where(near, p, 0.0), axis=1)
+        if TOPK > 0:
+            bits = p.to(tl.int32, bitcast=True)
+            key32 = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving for finite floats
+            key = (key32.to(tl.int64) << 32) | (4294967296 - (cols64 + 1))[None, :]
+            key = tl.where(cm, key, _MINKEY)
+            merged = tl.full([BLOCK_R, K_PAD], _MINKEY, tl.int64)
+            for k in tl.static_range(TOPK):
+                top = tl.maximum(tl.max(key, axis=1), tl.max(best, axis=1))
+                merged = tl.where(kcol[None, :] == k, top[:, None], merged)
+                key = tl.where(key == top[:, None], _MINKEY, key)
+                best = tl.where(best == top[:, None], _MINKEY, best)
+            best = merged
+
+    finite = rowbad == 0
+    if HAS_MASK:
+        allowed = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    else:
+        allowed = row_ok
+    valid = allowed & finite
+    rerr = tl.abs(rsum - 1.0)
+    adev = adev / n32
+    if MULTI_HEAD:
+        tl.store(valid_ptr + rows, valid.to(tl.int8), mask=row_ok)
+
+    # Per-program float64 partials, one column per program (max-reduced slots floored at 0).
+    out = part_ptr + pid
+    tl.store(out + _S_COUNT * npg, tl.sum(valid.to(tl.float64), axis=0))
+    tl.store(out + _S_ENTROPY * npg, tl.sum(tl.where(valid, ent.to(tl.float64), 0.0), axis=0))
+    tl.store(out + _S_ENTROPY_SQ * npg, tl.sum(tl.where(valid, (ent * ent).to(tl.float64), 0.0), axis=0))
+    tl.store(out + _S_MAX * npg, tl.sum(tl.where(valid, mx.to(tl.float64), 0.0), axis=0))
+    tl.store(out + _S_MAX_SQ * npg, tl.sum(tl.where(valid, (mx * mx).to(tl.float64), 0.0), axis=0))
+    tl.store(out + _S_SUMSQ * npg, tl.sum(tl.where(valid, sq.to(tl.float64), 0.0), axis=0))
+    tl.store(out + _S_GT_TAU * npg, tl.sum(tl.where(valid, gtau.to(tl.float64), 0.0), axis=0))
+    tl.store(out + _S_GT_EPS * npg, tl.sum(tl.where(valid, geps.to(tl.float64), 0.0), axis=0))
+    tl.store(out + _S_ROWSUM_ERR * npg, tl.sum(tl.where(valid, rerr.to(tl.float64), 0.0), axis=0))
+    tl.store(
+        out + _S_ROWSUM_ERR_MAX * npg,
+        tl.maximum(tl.max(tl.where(valid, rerr.to(tl.float64), 0.0), axis=0), 0.0),
+    )
+    tl.store(out + _S_FUTURE * npg, tl.sum(tl.where(valid, fut.to(tl.float64), 0.0), axis=0))
+    tl.store(
+        out + _S_FUTURE_MAX * npg,
+        tl.maximum(tl.max(tl.where(valid, fut.to(tl.float64), 0.0), axis=0), 0.0),
+    )
+    tl.store(out + _S_LOCAL * npg, tl.sum(tl.where(valid, loc.to(tl.float64), 0.0), axis=0))
+    tl.store(out + _S_ABS_DEV * npg, tl.sum(tl.where(valid, adev.to(tl.float64), 0.0), axis=0))
+    tl.store(out + _S_NONFINITE * npg, tl.sum((allowed & ~finite).to(tl.float64), axis=0))
+    tl.store(out + _S_MASKED * npg, tl.sum((row_ok & ~allowed).to(tl.float64), axis=0))
+
+    if WANT_ROWS:
+        ro = rows * _R_NUM
+        nan = float("nan")
+        tl.store(rows_ptr + ro + _R_ENTROPY, tl.where(valid, ent, nan), mask=row_ok)
+        tl.store(rows_ptr + ro + _R_MAX, tl.where(valid, mx, nan), mask=row_ok)
+        tl.store(rows_ptr + ro + _R_GT_EPS, tl.where(valid, geps, nan), mask=row_ok)
+        tl.store(rows_ptr + ro + _R_SUMSQ, tl.where(valid, sq, nan), mask=row_ok)
+    if TOPK > 0:
+        low = best - ((best >> 32) << 32)
+        idx = tl.where(valid[:, None], (4294967296 - low) - 1, -1)
+        tptr = topk_ptr + rows[:, None] * TOPK + kcol[None, :]
+        tl.store(tptr, idx, mask=row_ok[:, None] & (kcol < TOPK)[None, :])
+
+
+@triton.jit
+def _reduce_partials(part_ptr, src, P, BLOCK: tl.constexpr):
+    """Sum (max for the max-reduced slots) of row ``src`` of the [16, P] program partials."""
+    offs = tl.arange(0, BLOCK)
+    base = part_ptr + src.to(tl.int64) * P
+    acc_sum = tl.zeros([BLOCK], tl.float64)
+    acc_max = tl.zeros([BLOCK], tl.float64)  # max slots are >= 0 in every program
+    for start in range(0, P, BLOCK):
+        idx = start + offs
+        v = tl.load(base + idx, mask=idx < P, other=0.0)
+        acc_sum += v
+        acc_max = tl.maximum(acc_max, v)
+    is_max = (src == _S_ROWSUM_ERR_MAX) | (src == _S_FUTURE_MAX)
+    return tl.where(is_max, tl.max(acc_max, axis=0), tl.sum(acc_sum, axis=0))
+
+
+@triton.jit
+def _reduce_head(hs_ptr, valid_ptr, hcol, R, num_blocks_n, BLOCK: tl.constexpr):
+    """Head column ``hcol = 4 g + s`` from the [G, nbn, 4, R] scratch: combined over column
+    blocks (max for HeadSlot.MAX, else sum), then summed over the valid rows."""
+    offs = tl.arange(0, BLOCK)
+    g = hcol // _H_NUM
+    s = hcol - g * _H_NUM
+    r64 = tl.cast(R, tl.int64)
+    base = hs_ptr + (g.to(tl.int64) * num_blocks_n * _H_NUM + s) * r64
+    acc = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, R, BLOCK):
+        idx = start + offs
+        im = idx < R
+        bptr = base + idx
+        v = tl.load(bptr, mask=im, other=0.0)
+        for _nb in range(1, num_blocks_n):
+            bptr += _H_NUM * r64
+            w = tl.load(bptr, mask=im, other=0.0)
+            v = tl.where(s == _H_MAX, tl.maximum(v, w), v + w)
+        keep = tl.load(valid_ptr + idx, mask=im, other=0) != 0
+        acc += tl.where(keep, v.to(tl.float64), 0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _finalize_kernel(
+    part_ptr,
+    hs_ptr,
+    valid_ptr,
+    sums_ptr,
+    head_ptr,
+    P,
+    R,
+    num_blocks_n,
+    MULTI_HEAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Output ``col`` (Slot col < 16, head column 16 + 4 g + s) reduced in a fixed order."""
+    col = tl.program_id(0)
+    if MULTI_HEAD:
+        if col < _S_NUM:
+            total = _reduce_partials(part_ptr, col, P, BLOCK)
+        else:
+            total = _reduce_head(hs_ptr, valid_ptr, col - _S_NUM, R, num_blocks_n, BLOCK)
+    else:
+        # one head: its statistics are the row statistics, reduced from the matching slot
+        hcol = col - _S_NUM
+        src = tl.where(
+            col < _S_NUM,
+            col,
+            tl.where(
+                hcol == _H_ENTROPY,
+                _S_ENTROPY,
+                tl.where(hcol == _H_MAX, _S_MAX, tl.where(hcol == _H_GT_TAU, _S_GT_TAU, _S_SUMSQ)),
+            ),
+        )
+        total = _reduce_partials(part_ptr, src, P, BLOCK)
+    if col < _S_NUM:
+        tl.store(sums_ptr + col, total)
+    else:
+        tl.store(head_ptr + (col - _S_NUM), total)
+
+
+def _pow2(v: int) -> int:
+    return 1 if v <= 1 else 1 << (v - 1).bit_length()
+
+
+def _config(n: int, r: int) -> dict[str, int]:
+    """Block sizes and warps for rows of length n and r rows."""
+    if n <= TILE_N_MAX:
+        block_n, nbn = _pow2(n), 1
+        block_r = max(1, TILE_ELEMS // block_n)
+    else:
+        block_n = _pow2(min(LOOP_BLOCK_N, TILE_N_MAX))
+        nbn, block_r = -(-n // block_n), 1
+    block_r = min(block_r, _pow2(r), MAX_BLOCK_R)
+    num_warps = _pow2(min(16, max(1, (block_r * block_n) // 512)))
+    return dict(BLOCK_N=block_n, num_blocks_n=nbn, BLOCK_R=block_r, num_warps=num_warps)
+
+
+@torch.library.triton_op("fastdiag::dist_stats_triton", mutates_args=())
+def dist_stats_triton(
+    x4: Tensor,
+    row_mask: Tensor | None,
+    from_logits: bool,
+    topk: int,
+    tau: float,
+    eps: float,
+    window: int,
+    query_offset: int,
+    query_len: int,
+    want_rows: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton backend of the canonical op: (sums f64[16], head_sums f64[G, 4],
+    rows f32[R or 0, 4], topk i64[R, k]) for x4 [A, G, C, N], R = A * C."""
+    if x4.dim() != 4:
+        raise ValueError(f"x4 must be 4-d [A, G, C, N], got shape {tuple(x4.shape)}")
+    if not 0 <= topk <= MAX_TOPK:
+        raise ValueError(f"topk must be in [0, {MAX_TOPK}], got {topk}")
+    if x4.device.type == "cpu" and not backends.triton_interpreting():
+        raise RuntimeError(
+            "the triton backend needs a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors"
+        )
+    a_dim, g_dim, c_dim, n = x4.shape
+    r = a_dim * c_dim
+    dev = x4.device
+    rows_out = torch.empty((r if want_rows else 0, RowSlot.NUM), dtype=torch.float32, device=dev)
+    topk_out = torch.empty((r, topk), dtype=torch.int64, device=dev)
+    if r == 0 or n == 0:
+        sums = torch.zeros(Slot.NUM, dtype=torch.float64, device=dev)
+        head_sums = torch.zeros(g_dim, HeadSlot.NUM, dtype=torch.float64, device=dev)
+        return sums, head_sums, rows_out, topk_out
+
+    cfg = _config(int(n), int(r))
+    nbn = cfg["num_blocks_n"]
+    nprog = -(-r // cfg["BLOCK_R"])
+    multi_head = g_dim > 1
+    part = torch.empty((Slot.NUM, nprog), dtype=torch.float64, device=dev)
+    sums = torch.empty(Slot.NUM, dtype=torch.float64, device=dev)
+    head_sums = torch.empty((g_dim, HeadSlot.NUM), dtype=torch.float64, device=dev)
+    # scratch (unused ones alias ``part``; the kernels never touch them)
+    hs = ms = valid = part
+    if multi_head:
+        hs = torch.empty((g_dim, nbn, HeadSlot.NUM, r), dtype=torch.float32, device=dev)
+        valid = torch.empty(r, dtype=torch.int8, device=dev)
+    if from_logits and nbn > 1:
+        ms = torch.empty((g_dim, 2, r), dtype=torch.float32, device=dev)
+    mask_arg = row_mask if row_mask is not None else part
+    guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        torch.library.wrap_triton(_dist_stats_kernel)[(nprog,)](
+            x4,
+            mask_arg,
+            part,
+            rows_out,
+            topk_out,
+            hs,
+            ms,
+            valid,
+            r,
+            g_dim,
+            c_dim,
+            n,
+            x4.stride(0),
+            x4.stride(1),
+            x4.stride(2),
+            x4.stride(3),
+            tau,
+            eps,
+            window,
+            query_offset,
+            query_len,
+            nbn,
+            LOGITS=bool(from_logits),
+            HAS_MASK=row_mask is not None,
+            WANT_ROWS=bool(want_rows),
+            HAS_WINDOW=window >= 0,
+            TOPK=topk,
+            K_PAD=_pow2(max(topk, 1)),
+            ONE_BLOCK=nbn == 1,
+            MULTI_HEAD=multi_head,
+            BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"],
+        )
+        torch.library.wrap_triton(_finalize_kernel)[(Slot.NUM + HeadSlot.NUM * g_dim,)](
+            part,
+            hs,
+            valid,
+            sums,
+            head_sums,
+            nprog,
+            r,
+            nbn,
+            MULTI_HEAD=multi_head,
+            BLOCK=min(FINAL_BLOCK, _pow2(max(nprog, r if multi_head else 1))),
+            num_warps=4,
+        )
+    return sums, head_sums, rows_out, topk_out

@@ -1,0 +1,276 @@
+"""``fastdiag.BaselineAttentionDiagnostics`` against ``fastdiag.reference``, plus the top-k Jaccards.
+
+Attention maps come from real ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` forward
+passes (``need_weights=True, average_attn_weights=False``, with and without a causal mask) and
+from random softmax rows; every key, several epochs of several updates, every backend.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from fastdiag import reference, schema
+from fastdiag.diagnostics import BaselineAttentionDiagnostics
+from fastdiag.ops import jaccard
+from tests.conftest import available_backends
+from tests.test_set_diagnostics import (
+    ATOL,
+    NONFINITE,
+    RTOL,
+    assert_stats_close,
+    forbid_host_sync,
+    twin_generators,
+)
+
+BACKENDS = available_backends("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# ops: top-k Jaccards against Python sets
+# ----------------------------------------------------------------------------------------------
+
+
+def test_flattened_topk_jaccard_matches_python_sets():
+    gen = torch.Generator().manual_seed(0)
+    nk = 11
+    now = torch.stack([torch.randperm(nk, generator=gen)[:3] for _ in range(6)])
+    prev = torch.stack([torch.randperm(nk, generator=gen)[:3] for _ in range(6)])
+    a, b = set(now.flatten().tolist()), set(prev.flatten().tolist())
+    got = jaccard.bitmap_jaccard(jaccard.index_bitmap(now, nk), jaccard.index_bitmap(prev, nk))
+    assert float(got) == pytest.approx(len(a & b) / len(a | b))
+
+
+def test_topk_jaccard_per_query_matches_python_sets():
+    gen = torch.Generator().manual_seed(1)
+    now = torch.stack([torch.randperm(9, generator=gen)[:4] for _ in range(7)]).reshape(7, 4)
+    prev = torch.stack([torch.randperm(9, generator=gen)[:4] for _ in range(7)]).reshape(7, 4)
+    rows = [len(set(r) & set(q)) / len(set(r) | set(q)) for r, q in zip(now.tolist(), prev.tolist(), strict=True)]
+    assert jaccard.topk_jaccard_rows(now, prev).tolist() == pytest.approx(rows)
+    assert float(jaccard.topk_jaccard_per_query(now, prev)) == pytest.approx(sum(rows) / len(rows))
+    # rows with an invalid (-1) entry are left out of the mean
+    now[2] = -1
+    assert float(jaccard.topk_jaccard_per_query(now, prev)) == pytest.approx((sum(rows) - rows[2]) / 6)
+    with pytest.raises(ValueError, match="same shape"):
+        jaccard.topk_jaccard_rows(now, prev[:3])
+
+
+# ----------------------------------------------------------------------------------------------
+# parity with the reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_pair(batches, ref=None, fd=None):
+    ref = ref or reference.BaselineAttentionDiagnostics()
+    fd = fd or BaselineAttentionDiagnostics()
+    out = []
+    for epoch in batches:
+        for args, seed in epoch:
+            g1, g2 = twin_generators(seed)
+            ref.update(*args, generator=g1)
+            fd.update(*args, generator=g2)
+        out.append((ref.get_epoch_stats(), fd.get_epoch_stats()))
+        ref.reset()
+        fd.reset()
+    return out
+
+
+def _mha_batches(epochs=3, updates=3, b=2, n=9, d=16, heads=4, causal=False, seed=0):
+    """Attention of a MultiheadAttention trained a little between updates (the same batch
+    replayed every other update, so the per-query Jaccard sees both stable and changed rows)."""
+    torch.manual_seed(seed)
+    mha = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+    opt = torch.optim.SGD(mha.parameters(), lr=0.05)
+    params = dict(mha.named_parameters())
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(n) if causal else None
+    x_fixed = torch.randn(b, n, d)
+    batches, step = [], 0
+    for _ in range(epochs):
+        epoch = []
+        for u in range(updates):
+            x = x_fixed if u % 2 == 0 else torch.randn(b, n, d)
+            out, w = mha(x, x, x, need_weights=True, average_attn_weights=False, attn_mask=mask)
+            opt.zero_grad()
+            out.square().mean().backward()
+            values = torch.nn.functional.linear(x, mha.in_proj_weight[2 * d :], mha.in_proj_bias[2 * d :])
+            values = values.reshape(b, n, heads, d // heads).transpose(1, 2)  # [B, H, N, dh]
+            epoch.append(((w.detach(), params, values.detach()), step))
+            opt.step()
+            step += 1
+        batches.append(epoch)
+    return batches
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_parity_multihead_attention(backend, name, causal):
+    backend(name)
+    results = _run_pair(_mha_batches(causal=causal))
+    for expected, got in results:
+        assert_stats_close(expected, got)
+        assert got[NONFINITE] == 0
+    assert set(results[0][0]) == set(schema.BASELINE_DIAGNOSTICS)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_parity_transformer_encoder(backend, name):
+    """Per-head weights of each layer of a TransformerEncoder, read at its input (3-D and 4-D)."""
+    backend(name)
+    torch.manual_seed(3)
+    d, heads = 12, 3
+    layer = torch.nn.TransformerEncoderLayer(d, heads, dim_feedforward=24, dropout=0.0, batch_first=True)
+    enc = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    batches = []
+    for e in range(2):
+        epoch = []
+        for u in range(3):
+            x = torch.randn(2, 7, d)
+            h = x
+            maps = []
+            with torch.no_grad():
+                for mod in enc.layers:
+                    _, w = mod.self_attn(h, h, h, need_weights=True, average_attn_weights=False)
+                    maps.append(w)
+                    h = mod(h)
+            attn = maps[u % 2]
+            if e == 1:  # one head-averaged 3-D map per update in the second epoch
+                attn = attn.mean(1)
+            epoch.append(((attn, dict(enc.layers[0].self_attn.named_parameters())), e * 3 + u))
+        batches.append(epoch)
+    for expected, got in _run_pair(batches):
+        assert_stats_close(expected, got)
+
+
+def _random_batches(seed=4, epochs=3, updates=4):
+    gen = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(6, 6)
+    params = dict(lin.named_parameters())
+    batches, step = [], 0
+    for e in range(epochs):
+        epoch = []
+        for u in range(updates):
+            nk = 8 if u != 2 else 5  # a key length change: no per-query Jaccard for that pair
+            attn = (3 * torch.randn(2, 3, 4, nk, generator=gen)).softmax(-1)
+            attn[0, 1, 2] = 0.0  # an all-zero head row: entropy 0, top-1 0
+            values = torch.randn(2, 4, 5, generator=gen) if u != 1 else None
+            p = None
+            if u != 3:
+                with torch.no_grad():
+                    lin.weight.add_(0.02 * torch.randn(6, 6, generator=gen))
+                lin.weight.grad = torch.randn(6, 6, generator=gen) if e != 2 else None
+                p = params
+            args = (attn if (e, u) != (1, 0) else None, p, values)
+            epoch.append((args, step))
+            step += 1
+        batches.append(epoch)
+    return batches
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_parity_random_attention_with_missing_inputs(backend, name):
+    backend(name)
+    for expected, got in _run_pair(_random_batches()):
+        assert_stats_close(expected, got)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_single_key_and_one_head(backend, name):
+    backend(name)
+    attn = torch.ones(2, 1, 3, 1)
+    ref, fd = reference.BaselineAttentionDiagnostics(), BaselineAttentionDiagnostics()
+    for _ in range(2):
+        ref.update(attn)
+        fd.update(attn)
+    got = fd.get_epoch_stats()
+    assert_stats_close(ref.get_epoch_stats(), got)
+    assert got["baseline/attention_entropy_norm"] == 0.0
+    assert got["baseline/attention_pattern_jaccard"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# no sync, state_dict, bad input, non-finite rows
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [b for b in BACKENDS if b != "triton"])  # the interpreter itself copies
+def test_update_never_syncs(backend, name):
+    backend(name)
+    batches = [args for epoch in _mha_batches(epochs=1, updates=4) for args, _ in epoch]
+    fd = BaselineAttentionDiagnostics()
+    fd.update(*batches[0], generator=torch.Generator())  # warm-up
+    with forbid_host_sync():
+        for args in batches[1:]:
+            fd.update(*args, generator=torch.Generator().manual_seed(2))
+        fd.update(None, batches[0][1])
+        fd.update(batches[0][0], value_states=batches[0][2])
+    stats = fd.get_epoch_stats()
+    assert all(math.isfinite(stats[k]) for k in schema.BASELINE_DIAGNOSTICS)
+
+
+def test_state_dict_round_trip_resumes_identically():
+    batches = _mha_batches(epochs=3, updates=3, seed=5)
+    straight, resumed = BaselineAttentionDiagnostics(), BaselineAttentionDiagnostics()
+    want, got = [], []
+    for e, epoch in enumerate(batches):
+        for u, (args, seed) in enumerate(epoch):
+            straight.update(*args, generator=torch.Generator().manual_seed(seed))
+            resumed.update(*args, generator=torch.Generator().manual_seed(seed))
+            if (e, u) in ((0, 1), (2, 0)):
+                buf = io.BytesIO()
+                torch.save(resumed.state_dict(), buf)
+                buf.seek(0)
+                resumed = BaselineAttentionDiagnostics()
+                resumed.load_state_dict(torch.load(buf, weights_only=True))
+        want.append(straight.get_epoch_stats())
+        got.append(resumed.get_epoch_stats())
+        straight.reset()
+        resumed.reset()
+    for w, g in zip(want, got, strict=True):
+        assert w.keys() == g.keys()
+        for key in w:
+            assert (math.isnan(w[key]) and math.isnan(g[key])) or w[key] == g[key], key
+
+
+def test_bad_inputs_raise_value_errors():
+    fd = BaselineAttentionDiagnostics()
+    fd.update(torch.rand(2, 3, 4, 4).softmax(-1))
+    with pytest.raises(ValueError, match="3-D .* after 4-D"):
+        fd.update(torch.rand(2, 4, 4).softmax(-1))
+    with pytest.raises(ValueError, match=r"\[B, H, N, Nk\] or \[B, N, Nk\]"):
+        fd.update(torch.rand(4, 4))
+    with pytest.raises(ValueError, match="value_states"):
+        fd.update(None, value_states=torch.rand(5))
+    with pytest.raises(TypeError, match="attention_weights must be a floating-point"):
+        fd.update(torch.ones(2, 4, 4, dtype=torch.long))
+    fd.reset()
+    fd.update(torch.rand(2, 4, 4).softmax(-1))  # a new epoch may change the rank
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_nonfinite_rows_counted_and_excluded(backend, name):
+    backend(name)
+    gen = torch.Generator().manual_seed(6)
+    attn = (2 * torch.randn(2, 3, 4, 6, generator=gen)).softmax(-1)
+    attn[1, 2, 3, 0] = math.nan  # row (b=1, n=3) invalid in one head: the whole row goes
+    values = torch.randn(2, 4, 5, generator=gen)
+    values[0, 1, 4] = math.inf
+    fd = BaselineAttentionDiagnostics()
+    fd.update(attn, value_states=values)
+    got = fd.get_epoch_stats()
+    assert got[NONFINITE] == 2
+    ref = reference.BaselineAttentionDiagnostics()
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    keep[1, 3] = False
+    rows = values.reshape(-1, 5)
+    ref.update(attn.permute(0, 2, 1, 3)[keep][None].transpose(1, 2), value_states=rows[torch.isfinite(rows).all(-1)])
+    want = ref.get_epoch_stats()
+    for key in (
+        "baseline/attention_entropy_mean", "baseline/attention_top1_mean", "baseline/attention_top1_std",
+        "baseline/attention_sparsity", "baseline/attention_head_entropy_mean",
+        "baseline/attention_effective_heads", "baseline/value_embedding_variance",
+    ):
+        assert got[key] == pytest.approx(want[key], rel=RTOL, abs=ATOL), key
+    assert math.isfinite(got["baseline/value_cosine_similarity"])

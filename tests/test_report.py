@@ -1,0 +1,199 @@
+"""fastdiag.report: rolling bands, trends, verdicts from a stored run, terminal and HTML report."""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+
+import numpy as np
+import pytest
+
+from fastdiag.logging import MetricsLogger
+from fastdiag.report import rolling_band, run_verdicts, summarize, trend, write_html
+from fastdiag.report.html import auto_window
+from fastdiag.schema import COMPARISON_TABLE
+
+
+def loop_band(values, window):
+    """Independent rolling mean / population std: a plain loop over finite values."""
+    means, stds = [], []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
+        if not chunk:
+            means.append(math.nan)
+            stds.append(math.nan)
+            continue
+        mean = sum(chunk) / len(chunk)
+        means.append(mean)
+        stds.append(math.sqrt(sum((v - mean) ** 2 for v in chunk) / len(chunk)))
+    return np.array(means), np.array(stds)
+
+
+@pytest.mark.parametrize("window", [1, 3, 7])
+def test_rolling_band_matches_a_plain_loop(window):
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=40)
+    values[[0, 1, 2, 10, 25]] = [math.nan, math.nan, math.nan, math.inf, -math.inf]
+    mean, std = rolling_band(values, window)
+    want_mean, want_std = loop_band(values.tolist(), window)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-12, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(std, want_std, rtol=1e-9, atol=1e-12, equal_nan=True)
+    assert np.isnan(mean[:3]).all()  # windows holding no finite value
+    with pytest.raises(ValueError, match="window"):
+        rolling_band(values, 0)
+
+
+def test_trend_and_auto_window():
+    assert trend(np.array([1.0, 2.0, 4.0]), 2) == (1.0, "^")
+    assert trend(np.array([4.0, math.nan, 2.0]), 5) == (-0.5, "v")
+    change, arrow = trend(np.array([1.0, 1.001]), 5)
+    assert arrow == "=" and change == pytest.approx(0.001)
+    assert trend(np.array([math.nan, 3.0]), 5) == (None, "")
+    assert trend(np.array([0.0, 0.5]), 5) == (0.5, "^")  # absolute change from 0
+    assert [auto_window(n) for n in (0, 10, 300, 5000)] == [3, 3, 30, 100]
+
+
+def make_db(path):
+    """Two runs: 'base' (baseline keys) and 'sets' (set keys, a frozen router)."""
+    with MetricsLogger(path, run="base", config={"model": "baseline"}) as logger:
+        for epoch in range(4):
+            step = (epoch + 1) * 10
+            for s in range(step - 9, step + 1):
+                logger.log({"train/loss": 4.0 - 0.05 * s, "shared": 1.0}, s)
+            logger.log(
+                {
+                    "baseline/attention_entropy_norm": 0.6,
+                    "baseline/attention_top1_mean": 0.4,
+                    "baseline/attention_gradient_norm": 0.8,
+                    "baseline/attention_weight_change": 0.05 / (epoch + 1),
+                    "baseline/attention_pattern_jaccard": 0.45,
+                    "baseline/attention_effective_heads": 1.0,
+                },
+                step,
+            )
+    with MetricsLogger(path, run="sets") as logger:
+        for epoch in range(4):
+            step = (epoch + 1) * 10
+            for s in range(step - 9, step + 1):
+                logger.log({"train/loss": 4.0 - 0.04 * s, "shared": 3.0}, s)
+            logger.log(
+                {
+                    "ausa/routing_entropy_norm": 0.62,
+                    "ausa/router_confidence_mean": 0.58,
+                    "ausa/router_gradient_norm": 0.0,
+                    "ausa/router_weight_change": 0.0,
+                    "ausa/set_reuse_jaccard": 0.71,
+                    "ausa/active_set_ratio": 0.6,
+                    "ausa/set_embedding_variance": math.nan,
+                },
+                step,
+            )
+
+
+def test_run_verdicts_use_last_values_and_history(tmp_path):
+    path = tmp_path / "m.db"
+    make_db(path)
+    found = {(v.key, v.failure) for v in run_verdicts(path, "sets")}
+    assert ("ausa/router_weight_change", "frozen router") in found
+    assert ("ausa/router_gradient_norm", "vanishing gradient") in found
+    assert not any(key == "ausa/set_embedding_variance" for key, _ in found)  # NaN ignored
+    assert run_verdicts(path, "base") == []  # weight change decreasing: healthy
+
+    with MetricsLogger(path, run="unstable") as logger:
+        for epoch, change in enumerate([0.01, 0.02, 0.03]):
+            logger.log({"ausa/router_weight_change": change}, epoch)
+    assert [v.failure for v in run_verdicts(path, "unstable")] == ["unstable router"]
+    with MetricsLogger(path, run="settled") as logger:
+        for epoch, change in enumerate([0.01, 0.02, 0.03, 0.03]):
+            logger.log({"ausa/router_weight_change": change}, epoch)
+    assert run_verdicts(path, "settled") == []  # 0.02, 0.03, 0.03 is not strictly rising
+
+
+def test_terminal_summary(tmp_path):
+    path = tmp_path / "m.db"
+    make_db(path)
+    text = summarize(path, window=5)
+    assert "== run base: 8 metrics" in text and "== run sets: 9 metrics" in text
+    loss_line = next(line for line in text.splitlines() if line.startswith("train/loss"))
+    # last value 4 - 0.05 * 40 = 2, mean of the last 5 = 2.1, trend (2 - 2.2) / 2.2
+    assert loss_line.split()[1:5] == ["40", "2", "2.1", "v"]
+    assert "-9.1%" in loss_line
+    assert "frozen router" in text and "vanishing gradient" in text
+    assert "baseline (base) vs set-routing (sets)" in text
+    for row in COMPARISON_TABLE:
+        assert row.label in text
+    confidence = next(line for line in text.splitlines() if line.startswith("Confidence"))
+    assert confidence.split()[1:3] == ["0.4", "0.58"]
+    tail = text.split("run base vs run sets (last values):")[1]
+    shared = next(line for line in tail.splitlines() if line.startswith("shared "))
+    assert shared.split() == ["shared", "1", "3", "2"]  # run vs run: A, B, B - A
+    with pytest.raises(ValueError, match="nope"):
+        summarize(path, runs=["nope"])
+
+
+def test_html_report_has_one_chart_per_requested_metric(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "m.db"
+    make_db(path)
+    requested = ["train/loss", "ausa/router_confidence_mean", "ausa/set_embedding_variance"]
+    out = write_html(path, tmp_path / "report.html", metrics=requested)
+    page = out.read_text()
+    charts = re.findall(r"<figure class='chart' data-metric='([^']*)'>", page)
+    assert charts == requested
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    assert len(images) == len(requested)
+    assert all(base64.b64decode(img).startswith(b"\x89PNG\r\n\x1a\n") for img in images)
+    assert "3 non-finite values not drawn" not in page  # only the NaN series has them
+    assert "sets: 4 non-finite values not drawn" in page
+    assert "frozen router" in page
+    for row in COMPARISON_TABLE:
+        assert row.label in page
+    assert "<td>0.58</td>" in page  # set-routing confidence in the comparison table
+
+    everything = write_html(path, tmp_path / "all.html", runs=["base"])
+    all_charts = re.findall(r"<figure class='chart' data-metric='([^']*)'>", everything.read_text())
+    assert sorted(all_charts) == sorted(
+        ["train/loss", "shared"] + [k for k in _baseline_keys()]
+    )
+
+
+def _baseline_keys():
+    return [
+        "baseline/attention_entropy_norm",
+        "baseline/attention_top1_mean",
+        "baseline/attention_gradient_norm",
+        "baseline/attention_weight_change",
+        "baseline/attention_pattern_jaccard",
+        "baseline/attention_effective_heads",
+    ]
+
+
+def test_html_escapes_names_and_rejects_unknown_metrics(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "m.db"
+    with MetricsLogger(path, run="<b>run</b>") as logger:
+        logger.log({"<script>alert(1)</script>": 1.0}, 0)
+        logger.log({"<script>alert(1)</script>": 2.0}, 1)
+    page = write_html(path, tmp_path / "r.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page and "<b>run" not in page
+    with pytest.raises(ValueError, match="not logged"):
+        write_html(path, tmp_path / "r.html", metrics=["missing"])
+
+
+def test_html_without_matplotlib_keeps_the_tables(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    path = tmp_path / "m.db"
+    make_db(path)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.warns(RuntimeWarning, match="matplotlib is not installed"):
+        page = write_html(path, tmp_path / "r.html").read_text()
+    assert "<figure" not in page and "Confidence" in page and "fastdiag[report]" in page

@@ -1,0 +1,651 @@
+"""fastdiag.watch / TrainingDiagnostics: hooks on real training loops vs hand computations."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastdiag
+from fastdiag.training import TrainingDiagnostics, probe, register_attention, watch
+
+D, HEADS, SEQ, BATCH = 16, 4, 6, 3
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(backend):
+    # the numbers are backend independent; the portable backend keeps this file free of the
+    # one-time C++ build
+    backend("torch")
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def encoder(layers: int = 2, seed: int = 0) -> nn.TransformerEncoder:
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(D, HEADS, 2 * D, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+def entr(p: torch.Tensor) -> torch.Tensor:
+    return torch.special.entr(p.double()).sum(-1)
+
+
+def hand_mha_weights(mha: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """Per-head softmax(q k^T / sqrt(dh)) [B, H, N, N] in float64 from the module's projections."""
+    with torch.no_grad():
+        w = mha.in_proj_weight.double()
+        b = mha.in_proj_bias.double()
+        q, k, _ = F.linear(x.double(), w, b).chunk(3, dim=-1)
+        bsz, n, _ = q.shape
+        dh = D // HEADS
+        q = q.view(bsz, n, HEADS, dh).transpose(1, 2)
+        k = k.view(bsz, n, HEADS, dh).transpose(1, 2)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1)
+
+
+def attention_expect(w: torch.Tensor, tau: float = 0.1) -> dict[str, float]:
+    """Seed-004 per-layer values of per-head weights w [B, H, N, Nk] (float64)."""
+    h = entr(w)  # [B, H, N]
+    per_head = h.mean(dim=(0, 2)) / math.log(w.shape[-1])
+    return {
+        "attention_entropy": float(h.mean()),
+        "attention_sparsity": float((w > tau).double().mean()),
+        "attention_top1": float(w.amax(-1).mean()),
+        "attention_effective_heads": float((per_head < 0.9).double().mean()),
+    }
+
+
+class Means:
+    """Running means of hand-computed values."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, value: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def result(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def assert_close(stats: dict[str, float], expect: dict[str, float], rel: float = 1e-5) -> None:
+    for key, value in expect.items():
+        assert key in stats, f"{key} missing from {sorted(stats)[:8]}..."
+        assert stats[key] == pytest.approx(value, rel=rel, abs=1e-7), key
+
+
+# ----------------------------------------------------------------------------------------------
+# nn.TransformerEncoder
+# ----------------------------------------------------------------------------------------------
+
+
+def test_transformer_encoder_training_matches_hand_computation():
+    model = encoder()
+    reference = copy.deepcopy(model)  # unwatched twin
+    mhas = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    assert sorted(mhas) == ["layers.0.self_attn", "layers.1.self_attn"]
+    expect = Means()
+
+    def spy(name):
+        def hook(module, args):
+            for metric, v in attention_expect(hand_mha_weights(module, args[0])).items():
+                expect.add(f"{metric}/{name}", v)
+
+        return hook
+
+    for n, m in mhas.items():
+        m.register_forward_pre_hook(spy(n))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    torch.manual_seed(1)
+    xs = [torch.randn(BATCH, SEQ, D) for _ in range(3)]
+
+    handle = watch(model, optimizer=opt)
+    assert handle.attention_layers == {n: "mha" for n in mhas}
+    for x in xs:
+        out = model(x)
+        ref_out = reference(x)
+        torch.testing.assert_close(out, ref_out)  # the caller's result is unchanged
+        loss = out.square().mean()
+        opt.zero_grad()
+        loss.backward()
+        ref_opt.zero_grad()
+        ref_out.square().mean().backward()
+        # gradient health by hand, at the moment the optimizer's pre-step hook sees them
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        expect.add("grad_norm_total", float(torch.nn.utils.get_total_norm(list(grads.values()))))
+        for n, p in model.named_parameters():
+            expect.add(f"grad_norm/{n}", float(p.grad.double().norm()))
+            expect.add(f"param_norm/{n}", float(p.detach().double().norm()))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        ref_opt.step()
+        for n, p in model.named_parameters():
+            if float(before[n].norm()) > 0:  # a zero parameter has no finite ratio
+                ratio = float((p.detach() - before[n]).double().norm() / before[n].double().norm())
+                expect.add(f"update_ratio/{n}", ratio)
+    stats = handle.get_epoch_stats()
+    handle.remove()
+    assert_close(stats, expect.result())
+    assert stats["health/nan_infs"] == 0.0
+    assert not [k for k in stats if k.startswith("health/nan_infs/")]
+
+
+def test_mha_caller_gets_exactly_what_it_asked_for():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(D, HEADS, batch_first=True)
+    x = torch.randn(BATCH, SEQ, D)
+    plain = {
+        "default": mha(x, x, x),
+        "none": mha(x, x, x, need_weights=False),
+        "heads": mha(x, x, x, need_weights=True, average_attn_weights=False),
+        "positional": mha(x, x, x, None, False),
+    }
+    with watch(mha) as handle:
+        got = {
+            "default": mha(x, x, x),
+            "none": mha(x, x, x, need_weights=False),
+            "heads": mha(x, x, x, need_weights=True, average_attn_weights=False),
+            "positional": mha(x, x, x, None, False),
+        }
+        stats = handle.get_epoch_stats()
+    for key, (out, w) in plain.items():
+        torch.testing.assert_close(got[key][0], out)
+        if w is None:
+            assert got[key][1] is None, key
+        else:
+            assert got[key][1].shape == w.shape, key
+            torch.testing.assert_close(got[key][1], w)
+    expect = attention_expect(hand_mha_weights(mha, x))
+    name = type(mha).__name__  # the root module has an empty qualified name
+    assert_close(stats, {f"{k}/{name}": v for k, v in expect.items()})
+
+
+def test_unbatched_mha_input():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(D, HEADS)
+    x = torch.randn(SEQ, D)
+    with watch(mha, gradients=False) as handle:
+        out, w = mha(x, x, x)
+        stats = handle.get_epoch_stats()
+    ref_out, ref_w = mha(x, x, x)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(w, ref_w)
+    expect = attention_expect(hand_mha_weights(mha, x.unsqueeze(0)))
+    assert_close(stats, {f"{k}/MultiheadAttention": v for k, v in expect.items()})
+
+
+def test_encoder_eval_fast_path_is_captured():
+    model = encoder().eval()
+    torch.manual_seed(2)
+    x = torch.randn(BATCH, SEQ, D)
+    with torch.no_grad():
+        ref = model(x)  # unwatched: the fused encoder-layer fast path
+    expect = Means()
+    with watch(model, gradients=False) as handle, torch.no_grad():
+        layer_in = x
+        for i, layer in enumerate(model.layers):
+            for k, v in attention_expect(hand_mha_weights(layer.self_attn, layer_in)).items():
+                expect.add(f"{k}/layers.{i}.self_attn", v)
+            layer_in = layer(layer_in)  # hooks present: the slow path, same numbers
+        out = model(x)
+        stats = handle.get_epoch_stats()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the layer-by-layer pass above was recorded too: every update has the same values
+    assert_close(stats, expect.result())
+
+
+def test_encoder_eval_nested_tensor_path_ignores_padded_queries():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, HEADS, 2 * D, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True).eval()
+    x = torch.randn(2, SEQ, D)
+    pad = torch.zeros(2, SEQ, dtype=torch.bool)
+    pad[1, 4:] = True
+    with _quiet(), torch.no_grad():
+        ref = model(x, src_key_padding_mask=pad)
+    with _quiet(), watch(model, gradients=False) as handle, torch.no_grad():
+        out = model(x, src_key_padding_mask=pad)
+        stats = handle.get_epoch_stats()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # hand: softmax over the valid keys, rows of the valid queries only
+    mha = model.layers[0].self_attn
+    w = hand_mha_weights(mha, x).clone()
+    with torch.no_grad():
+        q, k, _ = F.linear(x.double(), mha.in_proj_weight.double(), mha.in_proj_bias.double()).chunk(3, -1)
+        dh = D // HEADS
+        q = q.view(2, SEQ, HEADS, dh).transpose(1, 2)
+        k = k.view(2, SEQ, HEADS, dh).transpose(1, 2)
+        s = q @ k.transpose(-1, -2) / math.sqrt(dh)
+        s = s.masked_fill(pad[:, None, None, :], float("-inf"))
+        w = torch.softmax(s, -1)
+    rows_h = [entr(w[0])]
+    rows_h.append(entr(w[1, :, :4]))
+    h = torch.cat([r.reshape(-1) for r in rows_h])
+    assert stats["attention_entropy/layers.0.self_attn"] == pytest.approx(float(h.mean()), rel=1e-5)
+    top1 = torch.cat([w[0].amax(-1).reshape(-1), w[1, :, :4].amax(-1).reshape(-1)])
+    assert stats["attention_top1/layers.0.self_attn"] == pytest.approx(float(top1.mean()), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face style model (built from a config in code, no download)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyConfig:
+    hidden_size: int = D
+    num_attention_heads: int = HEADS
+    num_hidden_layers: int = 2
+    intermediate_size: int = 2 * D
+    vocab_size: int = 11
+    output_attentions: bool = True
+
+
+class TinySelfAttention(nn.Module):
+    def __init__(self, config: TinyConfig) -> None:
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.dh = config.hidden_size // self.heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, self.dh).transpose(1, 2)
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        q, k, v = (self.split(f(hidden_states)) for f in (self.query, self.key, self.value))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.dh)
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = scores.softmax(-1)
+        ctx = (probs @ v).transpose(1, 2).reshape(hidden_states.shape)
+        return (self.out(ctx), probs if output_attentions else None)
+
+
+class TinyLayer(nn.Module):
+    def __init__(self, config: TinyConfig) -> None:
+        super().__init__()
+        self.attention = TinySelfAttention(config)
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.hidden_size, config.intermediate_size),
+            nn.GELU(),
+            nn.Linear(config.intermediate_size, config.hidden_size),
+        )
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        attn, probs = self.attention(hidden_states, attention_mask, output_attentions)
+        hidden_states = self.norm(hidden_states + attn)
+        return (hidden_states + self.mlp(hidden_states), probs)
+
+
+class TinyModel(nn.Module):
+    def __init__(self, config: TinyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layer = nn.ModuleList(TinyLayer(config) for _ in range(config.num_hidden_layers))
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.unused = nn.Linear(2, 2)  # never in the graph: its parameters get no gradient
+
+    def forward(self, input_ids, output_attentions=None):
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        h = self.embeddings(input_ids)
+        attentions = []
+        for layer in self.layer:
+            h, probs = layer(h, output_attentions=output_attentions)
+            attentions.append(probs)
+        return {"logits": self.head(h), "attentions": tuple(attentions) if output_attentions else None}
+
+
+def test_hf_style_model_matches_returned_attentions():
+    torch.manual_seed(0)
+    config = TinyConfig()
+    model = TinyModel(config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = watch(model, group="module")  # no optimizer: gradients read when backward ends
+    assert handle.attention_layers == {"layer.0.attention": "hf", "layer.1.attention": "hf"}
+    expect = Means()
+    for _ in range(3):
+        ids = torch.randint(0, config.vocab_size, (BATCH, SEQ))
+        out = model(ids)
+        for i, probs in enumerate(out["attentions"]):
+            for k, v in attention_expect(probs.detach().double()).items():
+                expect.add(f"{k}/layer.{i}.attention", v)
+        loss = F.cross_entropy(out["logits"].flatten(0, 1), ids.flatten())
+        opt.zero_grad()
+        loss.backward()
+        groups: dict[str, float] = {}
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                g = n.rpartition(".")[0]
+                groups[g] = groups.get(g, 0.0) + float(p.grad.double().square().sum())
+        for g, sq in groups.items():
+            expect.add(f"grad_norm/{g}", math.sqrt(sq))
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        expect.add("grad_norm_total", float(torch.nn.utils.get_total_norm(grads)))
+        opt.step()
+    stats = handle.get_epoch_stats()
+    handle.remove()
+    assert_close(stats, expect.result())
+    assert "grad_norm/unused" not in stats and "param_norm/unused" not in stats
+    assert not any(k.startswith("update_ratio/") for k in stats)  # needs an optimizer
+
+
+def test_hf_module_without_weights_warns_once():
+    torch.manual_seed(0)
+    model = TinyModel(TinyConfig(output_attentions=False))
+    ids = torch.randint(0, 11, (BATCH, SEQ))
+    with watch(model, gradients=False) as handle:
+        with pytest.warns(UserWarning, match="returned no attention weights"):
+            model(ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(ids)  # once per module, not per call
+    assert handle.get_epoch_stats() == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# register_attention and probe
+# ----------------------------------------------------------------------------------------------
+
+
+class LogitAttention(nn.Module):
+    """Returns only its output; keeps the pre-softmax scores [B, H, N, N] on itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk = nn.Linear(D, 2 * D)
+        self.alpha_logit = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        q, k = self.qk(x).chunk(2, -1)
+        q = q.view(*x.shape[:2], HEADS, -1).transpose(1, 2)
+        k = k.view(*x.shape[:2], HEADS, -1).transpose(1, 2)
+        self.scores = q @ k.transpose(-1, -2)
+        mixed = self.scores.softmax(-1).mean(1) @ x
+        return torch.sigmoid(self.alpha_logit) * mixed
+
+
+def test_register_attention_and_probes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), LogitAttention())
+    block = model[1]
+    register_attention(block, lambda m, inputs, out: m.scores, from_logits=True)
+    probe(block, "memory_read_norm", lambda m, inputs, out: out.norm())
+    probe(block, "m3_alpha", lambda m, inputs, out: torch.sigmoid(m.alpha_logit))
+    probe(block, "m3_alpha_grad", lambda m: m.alpha_logit.grad, at="grad")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expect = Means()
+    with watch(model, optimizer=opt) as handle:
+        assert handle.attention_layers == {"1": "registered"}
+        for _ in range(3):
+            x = torch.randn(BATCH, SEQ, D)
+            out = model(x)
+            for k, v in attention_expect(torch.softmax(block.scores.detach().double(), -1)).items():
+                expect.add(f"{k}/1", v)
+            expect.add("memory_read_norm/1", float(out.detach().double().norm()))
+            expect.add("m3_alpha/1", float(torch.sigmoid(block.alpha_logit.detach())))
+            opt.zero_grad()
+            out.sum().backward()
+            expect.add("m3_alpha_grad/1", float(block.alpha_logit.grad))
+            opt.step()
+        stats = handle.get_epoch_stats()
+    assert_close(stats, expect.result())
+
+
+def test_registration_after_watch_attaches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), nn.ReLU())
+    with pytest.warns(UserWarning, match="no attention module"):
+        handle = watch(model, gradients=False)
+    probe(model[0], "act_mean", lambda m, i, o: o.mean())
+    x = torch.randn(BATCH, D)
+    out = model[0](x)
+    stats = handle.get_epoch_stats()
+    handle.remove()
+    assert stats == {"act_mean/0": pytest.approx(float(out.mean()), rel=1e-6)}
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling, removal, bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_k_samples_one_step_in_k_and_leaves_other_steps_alone():
+    model = encoder(layers=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen: list[bool] = []
+    handle = watch(model, every=3, optimizer=opt)
+    # registered after watch's pre-hook: sees the kwargs the module really gets
+    model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("need_weights")), with_kwargs=True
+    )
+    x = torch.randn(BATCH, SEQ, D)
+    for _ in range(7):
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert seen == [True, False, False, True, False, False, True]
+    names = handle.diagnostics.accumulator.names
+    counts = handle.diagnostics.accumulator.state[:, 1]
+    assert counts[names.index("attention_entropy/layers.0.self_attn")] == 3
+    assert counts[names.index("grad_norm_total")] == 3
+    assert counts[names.index("update_ratio/layers.0.linear1.weight")] == 3
+    handle.remove()
+
+
+def test_every_k_without_optimizer_counts_forwards():
+    model = encoder(layers=1)
+    handle = watch(model, every=2)
+    x = torch.randn(BATCH, SEQ, D)
+    for _ in range(5):
+        model(x).square().mean().backward()
+    acc = handle.diagnostics.accumulator
+    assert acc.state[acc.names.index("attention_entropy/layers.0.self_attn"), 1] == 3
+    assert acc.state[acc.names.index("grad_norm_total"), 1] == 3
+    handle.remove()
+
+
+def test_remove_and_context_manager_detach_everything():
+    model = encoder(layers=1)
+    mha = model.layers[0].self_attn
+    before = (len(mha._forward_pre_hooks), len(mha._forward_hooks), len(model._forward_pre_hooks))
+    x = torch.randn(BATCH, SEQ, D)
+    with watch(model) as handle:
+        model(x)
+    assert (len(mha._forward_pre_hooks), len(mha._forward_hooks), len(model._forward_pre_hooks)) == before
+    stats = handle.get_epoch_stats()
+    model(x)
+    assert handle.get_epoch_stats() == stats  # nothing recorded after removal
+    handle.remove()  # idempotent
+
+
+def test_no_attention_module_warns_and_still_watches_gradients():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    with pytest.warns(UserWarning, match=r"MultiheadAttention.*Hugging Face.*register_attention"):
+        handle = watch(model)
+    model(torch.randn(5, 4)).sum().backward()
+    stats = handle.get_epoch_stats()
+    handle.remove()
+    expect = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+    assert stats["grad_norm_total"] == pytest.approx(expect, rel=1e-6)
+    assert stats["grad_norm/0.weight"] == pytest.approx(float(model[0].weight.grad.norm()), rel=1e-6)
+
+
+def test_nan_gradients_are_counted_per_parameter_without_crashing():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    inject = [True]
+
+    def poison(grad):
+        if inject[0]:
+            grad = grad.clone()
+            grad[0, :3] = float("nan")
+            grad[0, 3] = float("inf")
+        return grad
+
+    model[1].weight.register_hook(poison)
+    with _quiet():
+        handle = watch(model)
+    for _ in range(2):
+        model(torch.randn(5, 4)).sum().backward()
+        inject[0] = False
+        model.zero_grad()
+    stats = handle.get_epoch_stats()
+    handle.remove()
+    assert stats["health/nan_infs"] == pytest.approx(4 / 2)  # mean count per sampled step
+    assert stats["health/nan_infs/1.weight"] == pytest.approx(4 / 2)
+    assert "health/nan_infs/0.weight" not in stats
+    assert math.isfinite(stats["grad_norm/1.weight"])  # only the finite step counted
+    assert math.isfinite(stats["grad_norm/0.weight"])
+
+
+def test_group_options_bound_the_keys():
+    model = encoder(layers=2)
+    x = torch.randn(BATCH, SEQ, D)
+    for group, expected in [
+        (2, {"layers.0", "layers.1"}),
+        (lambda n: "all", {"all"}),
+        ("module", {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}),
+    ]:
+        handle = watch(model, group=group, attention=False)
+        model(x).sum().backward()
+        keys = {k.split("/", 1)[1] for k in handle.get_epoch_stats() if k.startswith("grad_norm/")}
+        handle.remove()
+        model.zero_grad()
+        assert keys == expected
+    handle = watch(model, group=2, attention=False)
+    model(x).sum().backward()
+    stats = handle.get_epoch_stats()
+    handle.remove()
+    sq = sum(float(p.grad.double().square().sum()) for n, p in model.named_parameters() if n.startswith("layers.0."))
+    assert stats["grad_norm/layers.0"] == pytest.approx(math.sqrt(sq), rel=1e-6)
+
+
+def test_bad_arguments():
+    model = encoder(layers=1)
+    with pytest.raises(ValueError, match="every"):
+        watch(model, every=0)
+    with pytest.raises(ValueError, match="group"):
+        watch(model, group="layers")
+    with pytest.raises(ValueError, match="attention_names"):
+        watch(model, attention_names="short")
+    with pytest.raises(TypeError, match="optimizer"):
+        watch(model, optimizer=object())
+    with pytest.raises(TypeError, match="model"):
+        watch("model")
+    with pytest.raises(ValueError, match="at must be"):
+        probe(model, "x", lambda m: m, at="backward")
+    with pytest.raises(ValueError, match=r"\[B, H, N, Nk\]"):
+        TrainingDiagnostics().update_attention("l", torch.rand(4, 4))
+
+
+def test_index_names():
+    model = encoder(layers=2)
+    with watch(model, attention_names="index", gradients=False) as handle:
+        model(torch.randn(BATCH, SEQ, D))
+        stats = handle.get_epoch_stats()
+    assert set(handle.attention_layers) == {"layer_0", "layer_1"}
+    assert "attention_entropy/layer_1" in stats
+
+
+# ----------------------------------------------------------------------------------------------
+# no host transfer inside any hook
+# ----------------------------------------------------------------------------------------------
+
+_HOST = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_hooks_never_copy_to_host(monkeypatch, with_optimizer):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), encoder(layers=1), LogitAttention())
+    register_attention(model[2], lambda m, i, o: m.scores, from_logits=True)
+    probe(model[2], "out_norm", lambda m, i, o: o.norm())
+    probe(model[2], "alpha_grad", lambda m: m.alpha_logit.grad, at="grad")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # SGD's step itself never syncs
+    handle = watch(model, optimizer=opt if with_optimizer else None)
+    x = torch.randn(BATCH, SEQ, D)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host transfer inside a hook")
+
+    with monkeypatch.context() as m:
+        for name in _HOST:
+            m.setattr(torch.Tensor, name, boom)
+        for _ in range(2):
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    stats = handle.get_epoch_stats()
+    handle.remove()
+    assert "attention_entropy/1.layers.0.self_attn" in stats
+    assert "attention_entropy/2" in stats
+    assert "grad_norm_total" in stats and "alpha_grad/2" in stats
+    assert ("update_ratio/0.weight" in stats) == with_optimizer
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+def test_compiled_model_gives_the_eager_numbers():
+    eager = encoder()
+    compiled_src = copy.deepcopy(eager)
+    x = torch.randn(BATCH, SEQ, D)
+
+    def run(model, compile_it):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        handle = watch(model, optimizer=opt)  # before the first compiled call
+        fn = torch.compile(model, backend="eager") if compile_it else model
+        for _ in range(2):
+            loss = fn(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        stats = handle.get_epoch_stats()
+        handle.remove()
+        return stats
+
+    a = run(eager, False)
+    with _quiet():
+        b = run(compiled_src, True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7, nan_ok=True), k
+
+
+def test_watching_the_compiled_wrapper_uses_the_inner_names():
+    model = encoder(layers=1)
+    compiled = torch.compile(model, backend="eager")
+    with watch(compiled, gradients=False) as handle:
+        assert set(handle.attention_layers) == {"layers.0.self_attn"}
+
+
+def test_lazy_exports():
+    assert fastdiag.watch is watch
+    assert fastdiag.TrainingDiagnostics is TrainingDiagnostics
+    assert fastdiag.register_attention is register_attention
+    assert fastdiag.probe is probe
