@@ -19,7 +19,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -126,16 +125,16 @@ inline vi lanes_below(int64_t rem) {
 }
 
 #if defined(__AVX512F__)
-// Natural log for normal positive x. x = m 2^e with m rounded to c = 1 + i/16 (i = 0..15, one
-// 16-entry table lookup): log x = e ln2 - log(1/c) + log1p(m/c - 1), |m/c - 1| <= 1/32, so a
-// degree-4 series is exact to ~5e-9; exact 0 at x = 1. Lanes that are not normal positive
-// return garbage and must be clamped by the caller.
+// Natural log for x >= 0 (log 0 is finite garbage, so 0 log 0 = 0 exactly): x = m 2^e with m
+// rounded to c = 1 + i/32 (i = 0..31, a two-register table lookup), then
+// log x = e ln2 + log c + log1p(m/c - 1) with |m/c - 1| <= 1/64, so a cubic is exact to ~2e-8;
+// exact 0 at x = 1. Negative lanes return garbage and must be clamped by the caller.
 struct LogTable {
-  alignas(64) float inv_c[16];
-  alignas(64) float log_c[16];
+  alignas(64) float inv_c[32];
+  alignas(64) float log_c[32];
   LogTable() {
-    for (int i = 0; i < 16; ++i) {
-      inv_c[i] = static_cast<float>(1.0 / (1.0 + i / 16.0));
+    for (int i = 0; i < 32; ++i) {
+      inv_c[i] = static_cast<float>(1.0 / (1.0 + i / 32.0));
       log_c[i] = static_cast<float>(-std::log(static_cast<double>(inv_c[i])));
     }
   }
@@ -144,21 +143,24 @@ const LogTable kLogTable;
 
 inline vf vlog(vf x) {
   const vi bits = (vi)x;
-  const vi rounded = bits + 0x40000;  // mantissa rounded to 4 bits (may carry into e)
+  const vi rounded = bits + (1 << 17);  // mantissa rounded to 5 bits (may carry into e)
   const vi e = (rounded >> 23) - 127;
-  const __m512i idx = (__m512i)((rounded >> 19) & 15);
-  const vf m = (vf)(bits - (e << 23));  // x / 2^e, in [1 - 1/32, 2 - 1/32)
-  const vf inv_c = (vf)_mm512_permutexvar_ps(idx, _mm512_load_ps(kLogTable.inv_c));
-  const vf log_c = (vf)_mm512_permutexvar_ps(idx, _mm512_load_ps(kLogTable.log_c));
+  const __m512i idx = (__m512i)(rounded >> 18);  // the lookups use the low 5 bits only
+  const vf m = (vf)(bits - (e << 23));             // x / 2^e, in [1 - 1/64, 2 - 1/64)
+  const vf inv_c = (vf)_mm512_permutex2var_ps(_mm512_load_ps(kLogTable.inv_c), idx,
+                                                _mm512_load_ps(kLogTable.inv_c + 16));
+  const vf log_c = (vf)_mm512_permutex2var_ps(_mm512_load_ps(kLogTable.log_c), idx,
+                                                _mm512_load_ps(kLogTable.log_c + 16));
   const vf r = m * inv_c - 1.0f;
-  vf q = -0.25f * r + 0.333333343f;
-  q = q * r - 0.5f;
-  const vf y = q * (r * r) + r;
-  return __builtin_convertvector(e, vf) * 0.693147182f + (log_c + y);
+  vf q = r * 0.333333343f - 0.5f;
+  q = q * r + 1.0f;
+  const vf y = q * r + log_c;
+  return __builtin_convertvector(e, vf) * 0.693147182f + y;
 }
+inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
 #else
-// Natural log for normal positive x (Cephes-style: x = m 2^e, m in [sqrt(1/2), sqrt(2)),
-// degree-8 polynomial in m - 1); other lanes return garbage and must be clamped by the caller.
+// Natural log for x >= 0 (Cephes-style: x = m 2^e, m in [sqrt(1/2), sqrt(2)), degree-8
+// polynomial in m - 1; log 0 = -127 ln 2, finite); negative lanes must be clamped by the caller.
 inline vf vlog(vf x) {
   const vi bits = (vi)x;
   const vi shifted = bits - 0x3f3504f3;  // sqrt(1/2)
@@ -178,12 +180,13 @@ inline vf vlog(vf x) {
   const vf fe = __builtin_convertvector(e, vf);
   return fe * 0.693359375f + (f + (y - 2.12194440e-4f * fe));
 }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 #endif
 
-// x log x with x clamped to >= FLT_MIN: 0 log 0 = 0 up to FLT_MIN log FLT_MIN ~ -1e-36 per
-// non-positive or subnormal entry (torch drops those entries exactly; the gap is < N * 1e-36).
+// x log x with x clamped to >= 0: vlog(0) is finite (-127 ln 2), so 0 log 0 = 0 exactly and
+// non-positive entries contribute 0.
 inline vf vxlogx(vf x) {
-  x = x > FLT_MIN ? x : splat(FLT_MIN);
+  x = vmax(x, splat(0.f));
   return x * vlog(x);
 }
 
@@ -688,7 +691,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dist_stats_cpu(
   TORCH_CHECK(N >= 1, "dist_stats_cpu: x4 must have a non-empty last axis, got shape ", x4.sizes());
   TORCH_CHECK(topk >= 0 && topk <= kMaxTopk && topk <= N,
               "dist_stats_cpu: topk must be in [0, min(16, N=", N, ")], got ", topk);
-  TORCH_CHECK(query_len >= 1, "dist_stats_cpu: query_len must be >= 1, got ", query_len);
   TORCH_CHECK(G >= 1 || R == 0, "dist_stats_cpu: the reduced axis (G) must be non-empty, got shape ",
               x4.sizes());
 
@@ -698,6 +700,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dist_stats_cpu(
   at::Tensor rows = at::empty({want_rows ? R : 0, kNumRowSlots}, x4.options().dtype(at::kFloat));
   at::Tensor top = at::empty({R, topk}, x4.options().dtype(at::kLong));
   if (R == 0) return {sums, head_sums, rows, top};
+  TORCH_CHECK(query_len >= 1, "dist_stats_cpu: query_len must be >= 1, got ", query_len);
 
   at::Tensor mask;
   if (row_mask.has_value()) {

@@ -37,7 +37,8 @@ namespace spectral {
 
 constexpr int kMaxDim = 1024;         // largest n = min(rows, cols) the kernels take
 constexpr int kMaxSweeps = 40;        // hard cap; random 128 x 128 Grams need ~8 (tested)
-constexpr double kJacobiTol = 1e-9;   // relative orthogonality threshold of a row pair
+constexpr double kJacobiTol = 1e-9;   // rotate a row pair when |cos(angle)| exceeds this
+constexpr double kStopTol = 1e-6;     // stop after a sweep whose largest |cos| was below this
 constexpr double kEps = 2.220446049250313e-16;
 
 // Output slots of the stats vector (mirrors fastdiag/ops/spectral.py: SpectralStats).
@@ -95,27 +96,36 @@ FD_HD double jacobi_tangent(double a, double b, double c) {
 
 struct PairPlan {
   bool rotate;
+  bool large;          // |cos| > kStopTol: the sweep has not converged yet
   double alpha, beta;  // element update coefficients (see above)
+  double sp, sq;       // new scales of rows p, q
+  double a, b;         // new tracked squared norms of rows p, q
 };
-// Decides pair (p, q) from the dot product of the stored rows and, if it rotates, updates the
-// scales s[p], s[q] and tracked squared norms a2[p], a2[q]. Shared by the CPU and GPU drivers.
-FD_HD PairPlan plan_pair(double stored_dot, int p, int q, double* s, double* a2) {
+// Pure function of the pair's state (scales sp, sq, tracked squared norms a, b) and the dot
+// product of the stored rows, so the lanes of a GPU warp can all evaluate it. Shared by the
+// CPU and GPU drivers.
+FD_HD PairPlan plan_pair(double stored_dot, double sp, double sq, double a, double b) {
   PairPlan plan;
   plan.rotate = false;
+  plan.large = false;
   plan.alpha = plan.beta = 0.0;
-  const double sp = s[p], sq = s[q];
-  const double a = a2[p], b = a2[q], c = sp * sq * stored_dot;
+  plan.sp = sp;
+  plan.sq = sq;
+  plan.a = a;
+  plan.b = b;
+  const double c = sp * sq * stored_dot;
   if (!needs_rotation(a, b, c)) return plan;
   const double t = jacobi_tangent(a, b, c);
   const double cs = 1.0 / sqrt(1.0 + t * t);
   plan.rotate = true;
+  plan.large = c * c > (kStopTol * kStopTol) * (a * b);
   plan.alpha = t * (sq / sp);
   plan.beta = t * (sp / sq);
-  s[p] = cs * sp;
-  s[q] = cs * sq;
+  plan.sp = cs * sp;
+  plan.sq = cs * sq;
   const double ap = a - t * c;
-  a2[p] = ap > 0.0 ? ap : 0.0;
-  a2[q] = b + t * c;
+  plan.a = ap > 0.0 ? ap : 0.0;
+  plan.b = b + t * c;
   return plan;
 }
 
@@ -255,7 +265,9 @@ FD_HD void jacobi_refresh(double* A, int k, int n, int lda, double* s, double* a
 // rotation plans, the row updates; since the pairs are disjoint this equals visiting them one
 // by one, but the independent scalar chains overlap. s, a2: k doubles each; dots: k / 2 + 1.
 // On return the rows are unscaled and a2 holds their exact squared norms (the eigenvalues of
-// G). Returns the sweeps run (the last found every pair orthogonal unless kMaxSweeps was hit),
+// G). Convergence: a sweep in which no pair was further from orthogonal than kStopTol ends the
+// iteration (its rotations, all < kStopTol, leave pairs at ~kStopTol^2 by the quadratic
+// convergence of cyclic Jacobi, far below kJacobiTol). Returns the sweeps run (<= kMaxSweeps),
 // 0 when k < 2.
 template <typename Ops>
 FD_HD int jacobi_rows(double* A, int k, int n, int lda, double* s, double* a2, double* dots) {
@@ -278,14 +290,18 @@ FD_HD int jacobi_rows(double* A, int k, int n, int lda, double* s, double* a2, d
         int p, q;
         round_robin_pair(round, slot, ne, &p, &q);
         if (q >= k) continue;
-        const PairPlan plan = plan_pair(dots[slot], p, q, s, a2);
+        const PairPlan plan = plan_pair(dots[slot], s[p], s[q], a2[p], a2[q]);
         if (!plan.rotate) continue;
+        s[p] = plan.sp;
+        s[q] = plan.sq;
+        a2[p] = plan.a;
+        a2[q] = plan.b;
         Ops::update(A + (int64_t)p * lda, A + (int64_t)q * lda, n, plan.alpha, plan.beta);
-        clean = false;
+        if (plan.large) clean = false;
       }
     }
   }
-  if (!clean) jacobi_refresh<Ops>(A, k, n, lda, s, a2);  // cap hit: leave rows unscaled
+  jacobi_refresh<Ops>(A, k, n, lda, s, a2);  // unscale; exact norms of the final rows
   return sweep;
 }
 

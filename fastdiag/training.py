@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from fastdiag import ops
 from fastdiag.accumulator import Accumulator
 from fastdiag.ops import HeadSlot, Slot
-from fastdiag.ops.norms import diff_norms, nonfinite_counts, norms
+from fastdiag.ops.norms import nonfinite_counts, norms
 
 __all__ = ["TrainingDiagnostics", "Watch", "watch", "register_attention", "probe"]
 
@@ -123,9 +123,8 @@ class TrainingDiagnostics:
         if w.dim() == 3:
             w = w.unsqueeze(1)
         ds = ops.dist_stats(w, from_logits=from_logits, reduce_dim=1, tau=self.tau, row_mask=row_mask)
-        self._acc.add(names=self._attention_names(name), stacked=_attention_values(
-            ds.sums, ds.head_sums, w.shape[-1], self.effective_head_entropy
-        ))
+        values = _attention_values(ds.sums, ds.head_sums, w.shape[-1], self.effective_head_entropy)
+        self._acc.add(names=self._attention_names(name), stacked=values)
 
     def _attention_names(self, name: str) -> list[str]:
         keys = self._attention_keys.get(name)
@@ -152,7 +151,7 @@ class TrainingDiagnostics:
         named = list(parameters.items()) if isinstance(parameters, Mapping) else list(parameters)
         key = (tuple(n for n, _ in named), group)
         ps = self._param_sets.get(key)
-        if ps is None or any(a is not b for a, b in zip(ps.params, (p for _, p in named))):
+        if ps is None or any(a is not b for a, b in zip(ps.params, (p for _, p in named), strict=False)):
             ps = self._param_sets[key] = _ParamSet(named, group)
         return ps
 
@@ -248,7 +247,8 @@ class _Plan:
         self.idx = idx
         self.groups = list(groups)
         self.identity = len(self.groups) == len(idx)  # one tensor per group, in order
-        self.member = torch.tensor(member, dtype=torch.long, device=device)
+        # host ints -> device without a blocking copy
+        self.member = torch.tensor(member, dtype=torch.long).to(device, non_blocking=True)
         self.grad_keys = (
             [f"grad_norm/{g}" for g in self.groups]
             + [f"param_norm/{g}" for g in self.groups]
@@ -332,7 +332,9 @@ class _ParamSet:
             return
         plan, copies, param_sq = self._pending
         self._pending = None
-        delta_sq = plan.group_sum(diff_norms([self.params[i] for i in plan.idx], copies).square())
+        # in place (the copies are rewritten at the next snapshot): no temporary per parameter
+        torch._foreach_sub_(copies, [self.params[i].detach() for i in plan.idx])
+        delta_sq = plan.group_sum(norms(copies).square())
         diag._acc.add(names=plan.ratio_keys, stacked=delta_sq.sqrt() / param_sq.sqrt())
 
 
@@ -481,6 +483,7 @@ class Watch:
         self.step = 0  # completed steps (optimizer steps, else forward calls of the model)
         self.active = True  # whether the current step is sampled
         self._forwards = 0
+        self._captured = 0  # attention hook calls since the model's forward began
         self._requests: dict[int, list[tuple[bool, bool] | None]] = {}
         self._warned: set[tuple[str, str]] = set()
         self._qualname = {m: n for n, m in self._inner.named_modules()}
@@ -504,9 +507,9 @@ class Watch:
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(_disable(self._on_pre_step)))
             self._handles.append(optimizer.register_step_post_hook(_disable(self._on_post_step)))
-        else:
-            self._handles.append(model.register_forward_pre_hook(_disable(self._on_root_pre)))
-            self._handles.append(model.register_forward_hook(_disable(self._on_root_post)))
+        # hooks on the object the user calls run eagerly even when it is a compiled wrapper
+        self._handles.append(model.register_forward_pre_hook(_disable(self._on_root_pre)))
+        self._handles.append(model.register_forward_hook(_disable(self._on_root_post)))
         _LIVE.add(self)
 
     # -- attention discovery ---------------------------------------------------------------
@@ -594,7 +597,7 @@ class Watch:
                 requests.append(None)
             return None
         kwargs = dict(kwargs)
-        for pname, value in zip(_MHA_PARAMS[3:], args[3:]):
+        for pname, value in zip(_MHA_PARAMS[3:], args[3:], strict=False):
             kwargs[pname] = value
         requests.append((bool(kwargs.get("need_weights", True)), bool(kwargs.get("average_attn_weights", True))))
         kwargs["need_weights"] = True
@@ -622,6 +625,7 @@ class Watch:
                 # the nested fast path pads dropped queries with all-zero rows: leave them out
                 mask = w[:, 0].sum(-1) > 0
             self.diagnostics.update_attention(name, w, row_mask=mask)
+            self._captured += 1
         if not need:
             return out, None
         if average and weights is not None:
@@ -631,6 +635,7 @@ class Watch:
     def _hf_post(self, module: nn.Module, name: str, output: Any) -> None:
         if not (self._live and self.active):
             return
+        self._captured += 1
         weights = _find_weights(output)
         if weights is None:
             self._warn_once(name, "no_weights", (
@@ -646,6 +651,7 @@ class Watch:
     ) -> None:
         if not (self._live and self.active):
             return
+        self._captured += 1
         weights = extract(module, args, output)
         if weights is not None:
             self.diagnostics.update_attention(name, weights, from_logits=from_logits)
@@ -656,17 +662,26 @@ class Watch:
                 self.diagnostics.update_probe(key, fn(module, args, output))
 
     def _on_root_pre(self, module: nn.Module, args: tuple) -> None:
-        # without an optimizer, one forward call of the model is one step
-        if self._live:
+        if not self._live:
+            return
+        self._captured = 0
+        if self._optimizer is None:  # without an optimizer, one forward call is one step
             self.active = self._forwards % self.every == 0
             self.step = self._forwards
             self._forwards += 1
 
     def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        # without an optimizer, gradients are read when the backward of a sampled forward ends
         if not (self._live and self.active):
             return
-        if self._params is None and not self._grad_probes:
+        if self.attention_layers and not self._captured:
+            self._warn_once("", "not_run", (
+                "fastdiag.watch: a sampled forward of the model ran none of the attention hooks "
+                f"({', '.join(self.attention_layers)}). A model compiled with torch.compile keeps the "
+                "hooks it had at its first call: call watch() before the first call of the compiled "
+                "model (or torch._dynamo.reset() after watch())"
+            ))
+        # without an optimizer, gradients are read when the backward of a sampled forward ends
+        if self._optimizer is not None or (self._params is None and not self._grad_probes):
             return
         if not torch.is_grad_enabled():
             return
@@ -681,7 +696,6 @@ class Watch:
             if t.requires_grad:
                 t.register_hook(on_grad)
 
-    @_disable
     def _record_gradients(self, snapshot: bool = False) -> None:
         if not self._live:
             return

@@ -28,24 +28,22 @@ from fastdiag.ops._dist_stats import MAX_TOPK, HeadSlot, RowSlot, Slot
 
 # Launch geometry, read at every call (tests lower them to reach the multi-block paths on small
 # shapes). The GPU choices, for a bandwidth-bound op whose floor is one read of x4:
-# * TILE_N_MAX = 8192: a row of <= 8192 entries is held in one tile (8192 fp32 over 16 warps is
-#   16 values per thread for the head-mean accumulator, the same again for the loaded head row)
-#   so logits need no second pass; longer rows stream in LOOP_BLOCK_N = 4096 column blocks.
-# * TILE_ELEMS = 4096: short rows are packed BLOCK_R per program so one load per head moves
-#   4096 entries (8-16 KiB): with 8 warps that is two or four 16-byte vector loads per thread and
-#   per head, enough bytes in flight with a few programs resident per SM; smaller tiles leave the
-#   loop latency-bound, larger ones cost registers (occupancy) for no extra bandwidth.
-# * num_warps = tile / 512 (1..16): 16 fp32 values per thread per tile keeps the accumulators,
-#   the loaded row and the softmax temporaries within ~128 registers (no spills).
-# * Per-head accumulators live in registers ([BLOCK_R, G_PAD] each) while G_PAD <= HEAD_REG_MAX and
-#   BLOCK_R * G_PAD <= HEAD_REG_ELEMS; beyond, per-(row, head, block) head statistics and per-head
-#   softmax constants go to small float32 scratch buffers (16 bytes per head row, <1% of the read).
+# * TILE_N_MAX = 8192: a row of <= 8192 entries is one tile (at most 16 fp32 values per thread
+#   for the head-mean accumulator with 16 warps), so logits need no second pass; longer rows
+#   stream in LOOP_BLOCK_N = 4096 column blocks.
+# * TILE_ELEMS = 4096: short rows are packed BLOCK_R per program so each head load moves 4096
+#   entries (8 KiB bf16, 16 KiB fp32); the next head's tile is loaded while the current one is
+#   reduced, so two tiles per program are in flight. Smaller tiles leave the head loop
+#   latency-bound; larger ones cost registers, hence resident programs, for no extra bandwidth.
+# * num_warps = tile / 512 (1..16): 16 values per thread per tile keeps the prefetched tile, the
+#   head-mean accumulator and the statistics temporaries near 100 registers without spills.
+# * Per-head statistics go to a [G, num_blocks_n, 4, R] float32 scratch (16 bytes per head row,
+#   under 1% of the bytes read for N >= 512) that the finalize kernel reduces over the valid rows;
+#   keeping them in registers instead cost ~150 extra registers per thread (1 program per SM).
 TILE_N_MAX = 8192
 LOOP_BLOCK_N = 4096
 TILE_ELEMS = 4096
 MAX_BLOCK_R = 256
-HEAD_REG_MAX = 64
-HEAD_REG_ELEMS = 1024
 FINAL_BLOCK = 1024
 
 _S_COUNT = tl.constexpr(Slot.COUNT)
@@ -79,17 +77,45 @@ _MINKEY = tl.constexpr(-(2**63))  # below the key of every float, -inf included
 
 
 @triton.jit
-def _entr(p):
-    """-p log p elementwise, 0 where p <= 0."""
-    pos = p > 0
-    return tl.where(pos, -p * tl.log(tl.where(pos, p, 1.0)), 0.0)
+def _log2(x, FAST_LOG: tl.constexpr):
+    # tl.log2 / tl.log lower to a ~30-instruction precise routine on NVIDIA; lg2.approx.ftz is
+    # one MUFU instruction (rel. error ~2^-22; inputs here are >= FLT_MIN, so ftz changes
+    # nothing). The interpreter cannot run inline asm, so FAST_LOG is off there.
+    if FAST_LOG:
+        return tl.inline_asm_elementwise(
+            "lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.log2(x)
 
 
 @triton.jit
-def _load_head(x_ptr, hoff, cols64, stride_n, cm):
-    """One head's [BLOCK_R, BLOCK_N] tile as float32 (padding loads 0)."""
+def _plog2p(p, FAST_LOG: tl.constexpr):
+    """p * log2(p) for p > 0, 0 for p <= 0 (entropy = -ln 2 * sum)."""
+    q = tl.maximum(p, 0.0)
+    return q * _log2(tl.maximum(q, 1.1754943508222875e-38), FAST_LOG)
+
+
+@triton.jit
+def _head_combine(e0, m0, t0, q0, e1, m1, t1, q1):
+    return e0 + e1, tl.maximum(m0, m1), t0 + t1, q0 + q1
+
+
+@triton.jit
+def _head_reduce(e, m, t, q, FUSED: tl.constexpr):
+    """Row-wise (sum, max, sum, sum); FUSED: one tuple reduction (one cross-warp exchange
+    instead of four). The interpreter runs custom combines element by element, so not there."""
+    if FUSED:
+        return tl.reduce((e, m, t, q), 1, _head_combine)
+    else:
+        return tl.sum(e, axis=1), tl.max(m, axis=1), tl.sum(t, axis=1), tl.sum(q, axis=1)
+
+
+@triton.jit
+def _load_head(x_ptr, hoff, cols64, stride_n, lm, other):
+    """One head's [BLOCK_R, BLOCK_N] tile as float32 (padding loads ``other``)."""
     ptrs = x_ptr + (hoff[:, None] + cols64[None, :] * stride_n)
-    return tl.load(ptrs, mask=cm, other=0.0).to(tl.float32)
+    return tl.load(ptrs, mask=lm, other=other).to(tl.float32)
 
 
 @triton.jit
@@ -123,25 +149,35 @@ def _dist_stats_kernel(
     TOPK: tl.constexpr,
     K_PAD: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    EVEN_N: tl.constexpr,
     MULTI_HEAD: tl.constexpr,
+    FAST_LOG: tl.constexpr,
+    FUSED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
+    LN2: tl.constexpr = 0.6931471805599453
+    OTHER: tl.constexpr = NEG_INF if LOGITS else 0.0  # padding: zero probability either way
     pid = tl.program_id(0).to(tl.int64)
     npg = tl.num_programs(0).to(tl.int64)
     # Scalar arguments may arrive as constexprs (Triton specialises the value 1): tl.cast, no .to().
     r64 = tl.cast(R, tl.int64)
     n32 = tl.cast(N, tl.float32)
+    inv_n = 1.0 / n32
+    inv_g = 1.0 / tl.cast(G, tl.float32)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
     a = rows // C
     rbase = a * stride_a + (rows - a * C) * stride_c  # int64 element offsets
     qi = rows % query_len + query_offset
     kcol = tl.arange(0, K_PAD)
-    inv_n = 1.0 / n32
 
-    rowbad = tl.zeros([BLOCK_R], tl.int32)  # 1 when some head has a non-finite entry
+    # Non-finite input is found without per-element tests: a logit head is bad when its softmax
+    # normaliser is not >= 1 (NaN from NaN/+inf, 0 when all -inf); a probability row is bad when
+    # sum(p * p + p * 0) is NaN (p * 0 is NaN exactly for non-finite p; the head mean p is built
+    # from x / G terms, so finite entries cannot overflow it).
+    rowbad = tl.zeros([BLOCK_R], tl.int1)
 
     # Pass 1, long logit rows only: each head's max and normaliser by online softmax, kept in
     # the [G, 2, R] scratch ``ms`` (a barrier makes it visible to the whole program).
@@ -153,16 +189,13 @@ def _dist_stats_kernel(
             s = tl.zeros([BLOCK_R], tl.float32)
             for nb in range(num_blocks_n):
                 cols64 = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-                cm = row_ok[:, None] & (cols64 < N)[None, :]
-                x = _load_head(x_ptr, hoff, cols64, stride_n, cm)
-                bad = (x != x) | (x == float("inf"))
-                rowbad = rowbad | tl.max(bad.to(tl.int32), axis=1)
-                x = tl.where(bad | (~cm), NEG_INF, x)
+                lm = row_ok[:, None] & (cols64 < N)[None, :]
+                x = _load_head(x_ptr, hoff, cols64, stride_n, lm, NEG_INF)
                 m_new = tl.maximum(m, tl.max(x, axis=1))
                 m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
                 s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
                 m = m_new
-            rowbad = rowbad | (m == NEG_INF).to(tl.int32)
+            rowbad = rowbad | ~(s >= 1.0)
             tl.store(mptr, m, mask=row_ok)
             tl.store(mptr + r64, s, mask=row_ok)
             hoff += stride_g  # int64 running offsets: no int32 g * stride
@@ -170,7 +203,7 @@ def _dist_stats_kernel(
         tl.debug_barrier()
 
     # Pass 2: per-head probabilities and head statistics, head-mean row and its statistics.
-    ent = tl.zeros([BLOCK_R], tl.float32)
+    ent = tl.zeros([BLOCK_R], tl.float32)  # sum p log2 p
     mx = tl.full([BLOCK_R], NEG_INF, tl.float32)
     sq = tl.zeros([BLOCK_R], tl.float32)
     gtau = tl.zeros([BLOCK_R], tl.float32)
@@ -182,51 +215,65 @@ def _dist_stats_kernel(
     best = tl.full([BLOCK_R, K_PAD], _MINKEY, tl.int64)
     for nb in range(num_blocks_n):
         cols64 = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        cm = row_ok[:, None] & (cols64 < N)[None, :]
+        lm = row_ok[:, None] & (cols64 < N)[None, :]
         pacc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         hoff = rbase
         mptr = ms_ptr + rows
         hptr = hs_ptr + rows + nb * _H_NUM * r64  # [G, num_blocks_n, 4, R] scratch
+        # one head ahead: the next head's load is in flight while this one is reduced
+        xn = _load_head(x_ptr, hoff, cols64, stride_n, lm, OTHER)
         for g in range(G):
-            x = _load_head(x_ptr, hoff, cols64, stride_n, cm)
+            x = xn
+            hoff += stride_g
+            xn = _load_head(x_ptr, hoff, cols64, stride_n, lm & (g + 1 < G), OTHER)
             if LOGITS:
-                bad = (x != x) | (x == float("inf"))
-                x = tl.where(bad | (~cm), NEG_INF, x)
                 if ONE_BLOCK:
                     m = tl.max(x, axis=1)
-                    rowbad = rowbad | tl.max(bad.to(tl.int32), axis=1) | (m == NEG_INF).to(tl.int32)
                     e = tl.exp(x - tl.where(m == NEG_INF, 0.0, m)[:, None])
                     s = tl.sum(e, axis=1)
+                    rowbad = rowbad | ~(s >= 1.0)
                 else:
                     m = tl.load(mptr, mask=row_ok, other=NEG_INF)
                     s = tl.load(mptr + r64, mask=row_ok, other=0.0)
                     e = tl.exp(x - tl.where(m == NEG_INF, 0.0, m)[:, None])
-                ph = e / tl.where(s > 0, s, 1.0)[:, None]
+                ph = e * (1.0 / tl.where(s > 0, s, 1.0))[:, None]
             else:
-                ok = (x == x) & (tl.abs(x) != float("inf"))
-                rowbad = rowbad | tl.max((~ok).to(tl.int32), axis=1)
-                ph = tl.where(ok, x, 0.0)
-            pacc += ph
+                ph = x
+            pacc += ph * inv_g
             if MULTI_HEAD:  # one head: the head stats are the row stats (finalize copies them)
-                tl.store(hptr + _H_ENTROPY * r64, tl.sum(_entr(ph), axis=1), mask=row_ok)
-                tl.store(hptr + _H_MAX * r64, tl.max(tl.where(cm, ph, NEG_INF), axis=1), mask=row_ok)
-                tl.store(
-                    hptr + _H_GT_TAU * r64,
-                    tl.sum(((ph > tau) & cm).to(tl.float32), axis=1),
-                    mask=row_ok,
-                )
-                tl.store(hptr + _H_SUMSQ * r64, tl.sum(ph * ph, axis=1), mask=row_ok)
-            hoff += stride_g
+                if EVEN_N:
+                    hmx = ph
+                    hgt = tl.where(ph > tau, 1.0, 0.0)
+                else:
+                    hmx = tl.where(lm, ph, NEG_INF)
+                    hgt = tl.where((ph > tau) & lm, 1.0, 0.0)
+                he, hm, ht, hq = _head_reduce(_plog2p(ph, FAST_LOG), hmx, hgt, ph * ph, FUSED)
+                tl.store(hptr + _H_ENTROPY * r64, -LN2 * he, mask=row_ok)
+                tl.store(hptr + _H_MAX * r64, hm, mask=row_ok)
+                tl.store(hptr + _H_GT_TAU * r64, ht, mask=row_ok)
+                tl.store(hptr + _H_SUMSQ * r64, hq, mask=row_ok)
             mptr += 2 * r64
             hptr += num_blocks_n * _H_NUM * r64
-        p = pacc / G
-        ent += tl.sum(_entr(p), axis=1)
-        mx = tl.maximum(mx, tl.max(tl.where(cm, p, NEG_INF), axis=1))
-        sq += tl.sum(p * p, axis=1)
-        gtau += tl.sum(((p > tau) & cm).to(tl.float32), axis=1)
-        geps += tl.sum(((p > eps) & cm).to(tl.float32), axis=1)
+        p = pacc
+        if EVEN_N:
+            pmx = p
+            pgt = tl.where(p > tau, 1.0, 0.0)
+            pge = tl.where(p > eps, 1.0, 0.0)
+            pdev = tl.abs(p - inv_n)
+        else:
+            cm = (cols64 < N)[None, :]
+            pmx = tl.where(cm, p, NEG_INF)
+            pgt = tl.where((p > tau) & cm, 1.0, 0.0)
+            pge = tl.where((p > eps) & cm, 1.0, 0.0)
+            pdev = tl.where(cm, tl.abs(p - inv_n), 0.0)
+        # separate reductions: a fused 8-tuple keeps 8 tile-sized temporaries live (spills)
+        ent += tl.sum(_plog2p(p, FAST_LOG), axis=1)
+        mx = tl.maximum(mx, tl.max(pmx, axis=1))
+        sq += tl.sum(p * p + p * 0.0, axis=1)
+        gtau += tl.sum(pgt, axis=1)
+        geps += tl.sum(pge, axis=1)
         rsum += tl.sum(p, axis=1)
-        adev += tl.sum(tl.where(cm, tl.abs(p - inv_n), 0.0), axis=1)
+        adev += tl.sum(pdev, axis=1)
         fut += tl.sum(tl.where(cols64[None, :] > qi[:, None], p, 0.0), axis=1)
         if HAS_WINDOW:
             near = tl.abs(cols64[None, :] - qi[:, None]) <= window
@@ -235,7 +282,8 @@ def _dist_stats_kernel(
             bits = p.to(tl.int32, bitcast=True)
             key32 = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving for finite floats
             key = (key32.to(tl.int64) << 32) | (4294967296 - (cols64 + 1))[None, :]
-            key = tl.where(cm, key, _MINKEY)
+            if not EVEN_N:
+                key = tl.where((cols64 < N)[None, :], key, _MINKEY)
             merged = tl.full([BLOCK_R, K_PAD], _MINKEY, tl.int64)
             for k in tl.static_range(TOPK):
                 top = tl.maximum(tl.max(key, axis=1), tl.max(best, axis=1))
@@ -244,12 +292,15 @@ def _dist_stats_kernel(
                 best = tl.where(best == top[:, None], _MINKEY, best)
             best = merged
 
-    finite = rowbad == 0
+    if not LOGITS:
+        rowbad = rowbad | (sq != sq)
+    finite = ~rowbad
     if HAS_MASK:
         allowed = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
     else:
         allowed = row_ok
     valid = allowed & finite
+    ent = -LN2 * ent
     rerr = tl.abs(rsum - 1.0)
     adev = adev / n32
     if MULTI_HEAD:
@@ -373,21 +424,37 @@ def _finalize_kernel(
         tl.store(head_ptr + (col - _S_NUM), total)
 
 
+def _fast_log(dev: torch.device) -> bool:
+    """lg2.approx inline asm: NVIDIA GPUs only (not ROCm, not the interpreter)."""
+    return dev.type == "cuda" and torch.version.hip is None and not backends.triton_interpreting()
+
+
 def _pow2(v: int) -> int:
     return 1 if v <= 1 else 1 << (v - 1).bit_length()
 
 
-def _config(n: int, r: int) -> dict[str, int]:
-    """Block sizes and warps for rows of length n and r rows."""
+def _config(n: int, r: int, elem_size: int) -> dict[str, int]:
+    """Block sizes and warps for r rows of length n with elements of elem_size bytes.
+
+    Aim: ~32 elements per thread per head tile and few rows per thread (every per-row
+    accumulator is held by each thread of its row). A warp spans 32 16-byte vectors of a row;
+    rows longer than that get one warp per 1024 entries (no cross-warp reduction below 1024),
+    shorter rows are stacked, 4 warps of rows, 16 entries per thread."""
     if n <= TILE_N_MAX:
         block_n, nbn = _pow2(n), 1
-        block_r = max(1, TILE_ELEMS // block_n)
     else:
         block_n = _pow2(min(LOOP_BLOCK_N, TILE_N_MAX))
-        nbn, block_r = -(-n // block_n), 1
+        nbn = -(-n // block_n)
+    warp_span = 32 * max(1, 16 // elem_size)
+    if nbn > 1 or block_n >= 1024:
+        block_r, num_warps = 1, max(1, block_n // 1024)
+    elif block_n > warp_span:
+        block_r, num_warps = 1024 // block_n, 1
+    else:
+        block_r, num_warps = 2048 // block_n, 4
     block_r = min(block_r, _pow2(r), MAX_BLOCK_R)
-    num_warps = _pow2(min(16, max(1, (block_r * block_n) // 512)))
-    return dict(BLOCK_N=block_n, num_blocks_n=nbn, BLOCK_R=block_r, num_warps=num_warps)
+    num_warps = min(num_warps, max(1, (block_r * block_n) // 512))
+    return dict(BLOCK_N=block_n, num_blocks_n=nbn, BLOCK_R=block_r, num_warps=_pow2(min(16, num_warps)))
 
 
 @torch.library.triton_op("fastdiag::dist_stats_triton", mutates_args=())
@@ -423,7 +490,7 @@ def dist_stats_triton(
         head_sums = torch.zeros(g_dim, HeadSlot.NUM, dtype=torch.float64, device=dev)
         return sums, head_sums, rows_out, topk_out
 
-    cfg = _config(int(n), int(r))
+    cfg = _config(int(n), int(r), x4.element_size())
     nbn = cfg["num_blocks_n"]
     nprog = -(-r // cfg["BLOCK_R"])
     multi_head = g_dim > 1
@@ -470,7 +537,10 @@ def dist_stats_triton(
             TOPK=topk,
             K_PAD=_pow2(max(topk, 1)),
             ONE_BLOCK=nbn == 1,
+            EVEN_N=n % cfg["BLOCK_N"] == 0,
             MULTI_HEAD=multi_head,
+            FAST_LOG=_fast_log(dev),
+            FUSED=not backends.triton_interpreting(),
             BLOCK_R=cfg["BLOCK_R"],
             BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"],

@@ -187,6 +187,7 @@ def test_baseline_attention_diagnostics_sync(ranks, backend):
     single = cls()
     feed_baseline(single, ALL)
     expect = {k: v for k, v in single.get_epoch_stats().items() if not any(s in k for s in NON_SUM_KEYS)}
+    assert "baseline/attention_entropy_mean" in expect and "baseline/attention_sparsity" in expect
     for r in ranks:
         got = {k: v for k, v in r["baseline"].items() if k in expect}
         assert_same(got, expect)

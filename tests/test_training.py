@@ -423,7 +423,7 @@ def test_registration_after_watch_attaches():
     out = model[0](x)
     stats = handle.get_epoch_stats()
     handle.remove()
-    assert stats == {"act_mean/0": pytest.approx(float(out.mean()), rel=1e-6)}
+    assert stats == {"act_mean/0": pytest.approx(float(out.detach().mean()), rel=1e-6)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -649,3 +649,71 @@ def test_lazy_exports():
     assert fastdiag.TrainingDiagnostics is TrainingDiagnostics
     assert fastdiag.register_attention is register_attention
     assert fastdiag.probe is probe
+
+
+def test_update_gradients_mixed_dtypes_and_state_dict():
+    torch.manual_seed(0)
+    named = [
+        ("a", nn.Parameter(torch.randn(5, 3))),
+        ("b", nn.Parameter(torch.randn(7, dtype=torch.float64))),
+        ("c", nn.Parameter(torch.randn(2, 2))),
+        ("frozen", nn.Parameter(torch.randn(3))),  # no gradient: skipped
+    ]
+    for _, p in named[:3]:
+        p.grad = torch.randn_like(p)
+    diag = TrainingDiagnostics()
+    diag.update_gradients(named)
+    diag.update_gradients(dict(named))
+    stats = diag.get_epoch_stats()
+    for n, p in named[:3]:
+        assert stats[f"grad_norm/{n}"] == pytest.approx(float(p.grad.double().norm()), rel=1e-6)
+        assert stats[f"param_norm/{n}"] == pytest.approx(float(p.detach().double().norm()), rel=1e-6)
+    total = math.sqrt(sum(float(p.grad.double().square().sum()) for _, p in named[:3]))
+    assert stats["grad_norm_total"] == pytest.approx(total, rel=1e-6)
+    assert "grad_norm/frozen" not in stats and "param_norm/frozen" not in stats
+    again = TrainingDiagnostics()
+    again.load_state_dict(diag.state_dict())
+    assert again.get_epoch_stats() == stats
+    diag.reset()
+    assert all(math.isnan(v) for v in diag.get_epoch_stats().values())
+
+
+@pytest.mark.gpu
+def test_watch_on_cuda_never_synchronises():
+    """Every hook of a sampled CUDA step runs under sync debug mode 'error'."""
+    torch.manual_seed(0)
+    model = encoder().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    handle = watch(model, optimizer=opt)
+    x = torch.randn(BATCH, SEQ, D, device="cuda")
+
+    def step():
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()  # first step: plan caches, kernel compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stats = handle.get_epoch_stats()
+    handle.remove()
+    assert stats["attention_entropy/layers.0.self_attn"] > 0
+    assert stats["grad_norm_total"] > 0
+
+
+def test_watch_after_the_first_compiled_call_says_so():
+    model = encoder(layers=1)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(BATCH, SEQ, D)
+    with _quiet():
+        compiled(x)  # compiled without hooks: dynamo does not see hooks added later
+    with watch(compiled, gradients=False) as handle:
+        with pytest.warns(UserWarning, match="before the first call of the compiled model"):
+            compiled(x)
+        assert handle.get_epoch_stats() == {}

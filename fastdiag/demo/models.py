@@ -136,18 +136,31 @@ class SetAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, membership: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``membership`` [B, N, S] (router weight of each token in each set, 0 outside its
-        top-k). Returns (x, set attention [B, N, S], final set states [B, S, D])."""
+        top-k). Returns (x, set attention [B, N, S], final set states [B, S, D]).
+
+        The state of set s at position n is
+        ``state[n, s] = (set_init[s] + sum_{m <= n} w[m, s] v[m]) / (1 + sum_{m <= n} w[m, s])``
+        and token n attends over ``key(state[n, s])`` with its query. The key is affine, so
+        the scores and the mix are computed with [N, N] and [N, S] matrix products instead
+        of materialising the [B, N, S, D] states (see ``explicit_set_attention`` in the tests).
+        """
         h = self.norm1(x)
-        v = self.value(h)
-        # state[b, n, s] = (set_init[s] + sum_{m <= n} w[b, m, s] v[b, m]) / (1 + sum_{m <= n} w)
-        mass = membership.cumsum(1).unsqueeze(-1)  # [B, N, S, 1]
-        pooled = (membership.unsqueeze(-1) * v.unsqueeze(2)).cumsum(1)  # [B, N, S, D]
-        states = (pooled + self.set_init) / (1.0 + mass)
-        scores = torch.einsum("bnd,bnsd->bns", self.query(h), self.key(states))
-        weights = torch.softmax(scores / math.sqrt(h.shape[-1]), dim=-1)
-        mixed = torch.einsum("bns,bnsd->bnd", weights, states)
+        n, dim = h.shape[1], h.shape[2]
+        v = self.value(h)  # [B, N, D]
+        q = self.query(h) / math.sqrt(dim)  # [B, N, D]
+        future = torch.ones(n, n, dtype=torch.bool, device=h.device).triu(1)
+        mass = 1.0 + membership.cumsum(1)  # [B, N, S]
+        wk = self.key.weight  # key(s) = s @ wk.T + b
+        qk = (q @ (v @ wk.T).transpose(1, 2)).masked_fill(future, 0.0)  # q_n . W_k v_m, m <= n
+        scores = (qk @ membership + q @ (self.set_init @ wk.T).T) / mass
+        scores = scores + (q @ self.key.bias).unsqueeze(-1)
+        weights = torch.softmax(scores, dim=-1)  # [B, N, S]
+        scaled = weights / mass
+        mix = (scaled @ membership.transpose(1, 2)).masked_fill(future, 0.0)  # [B, N, N]
+        mixed = mix @ v + scaled @ self.set_init
         x = x + self.out(mixed)
-        return x + self.mlp(self.norm2(x)), weights, states[:, -1]
+        final = (membership.transpose(1, 2) @ v + self.set_init) / mass[:, -1].unsqueeze(-1)
+        return x + self.mlp(self.norm2(x)), weights, final
 
 
 class SetRoutingLM(nn.Module):

@@ -157,6 +157,10 @@ def train_run(
     val_generator = torch.Generator().manual_seed(cfg.seed + 2)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    total = cfg.epochs * cfg.steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine decay to a tenth of the peak
+        optimizer, lambda i: 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(i, total) / total))
+    )
     epochs: list[dict[str, float]] = []
     step = 0
     for epoch in range(cfg.epochs):
@@ -171,9 +175,14 @@ def train_run(
             observe(output, x)  # before clipping: the raw learning signal
             grad_norm = nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            lr = schedule.get_last_lr()[0]
+            schedule.step()
             step += 1
             loss_sum += loss.detach()
-            logger.log({"train/loss": loss.detach(), "train/grad_norm_total": grad_norm}, step)
+            logger.log(
+                {"train/loss": loss.detach(), "train/grad_norm_total": grad_norm, "train/lr": lr},
+                step,
+            )
             bar.update(index + 1)
         stats = diagnostics.get_epoch_stats()
         diagnostics.reset()
@@ -207,19 +216,38 @@ def run_demo(
     break_router: bool = False,
     stream: TextIO | None = None,
     config: DemoConfig | None = None,
+    threads: int | None = 1,
 ) -> DemoResult:
     """Train both models, log to ``<out>/demo.db``, print the verdicts and the comparison
     table to ``stream`` (stdout), write ``<out>/demo_report.html``; returns what it wrote.
 
-    ``config`` overrides the sizes chosen by ``quick`` (``QUICK`` or ``FULL``).
+    ``config`` overrides the sizes chosen by ``quick`` (``QUICK`` or ``FULL``). ``threads``:
+    torch intra-op threads while the demo runs on CPU (restored after; None keeps the
+    setting). One is the default: these models are too small to gain from more, and several
+    threads on a busy machine are many times slower.
     """
-    stream = stream or sys.stdout
-    started = time.perf_counter()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
+    previous = torch.get_num_threads()
+    if dev.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(Path(out), quick, dev, break_router, stream or sys.stdout, config)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(
+    out: Path,
+    quick: bool,
+    dev: torch.device,
+    break_router: bool,
+    stream: TextIO,
+    config: DemoConfig | None,
+) -> DemoResult:
+    started = time.perf_counter()
     cfg = config or (QUICK if quick else FULL)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     db = out / "demo.db"
     _remove_db(db)  # each demo starts a fresh database

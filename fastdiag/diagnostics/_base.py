@@ -167,7 +167,7 @@ class _ParamTracker:
         return None if self.prev is None else {k: v.clone() for k, v in self.prev.items()}
 
     def load_state_dict(self, prev: Mapping[str, Tensor] | None) -> None:
-        self.prev = None if prev is None else {k: v.clone() for k, v in prev.items()}
+        self.prev = None if prev is None else {k: v.detach().clone() for k, v in prev.items()}
 
 
 def sample_rows(m: int, generator: torch.Generator | None, samples: int = COSINE_SAMPLES) -> Tensor:

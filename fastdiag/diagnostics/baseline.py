@@ -57,6 +57,10 @@ class BaselineAttentionDiagnostics:
         """Device copies of the attention parameters at the previous update (the seed's attribute)."""
         return self._params.prev
 
+    @prev_params.setter
+    def prev_params(self, value: Mapping[str, Tensor] | None) -> None:
+        self._params.load_state_dict(value)
+
     def reset(self) -> None:
         """Start a new epoch (keeps the previous parameters for the weight change)."""
         self._epoch.reset()

@@ -166,6 +166,10 @@ class SetDiagnostics:
         """Device copies of the router parameters at the previous update (the seed's attribute)."""
         return self._params.prev
 
+    @prev_router_params.setter
+    def prev_router_params(self, value: Mapping[str, Tensor] | None) -> None:
+        self._params.load_state_dict(value)
+
     def reset(self) -> None:
         """Start a new epoch: clears the sums and the previous active set.
 

@@ -32,7 +32,9 @@ def norms(tensors: Sequence[Tensor]) -> Tensor:
     out = torch.empty(len(tensors), dtype=torch.float64, device=device)
     for idx in groups.values():
         part = torch.stack(torch._foreach_norm([tensors[i].detach() for i in idx]))
-        out[torch.tensor(idx, device=device)] = part.to(device, torch.float64)
+        # host ints -> device without a blocking copy
+        where = torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True)
+        out[where] = part.to(device, torch.float64)
     return out
 
 
@@ -58,6 +60,12 @@ def nonfinite_counts(tensors: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     device = tensors[0].device
-    return torch.stack(
-        [(~torch.isfinite(t.detach())).sum().to(device, torch.float64) for t in tensors]
-    )
+    return torch.stack([_nonfinite(t.detach()).to(device, torch.float64) for t in tensors])
+
+
+def _nonfinite(t: Tensor) -> Tensor:
+    # t - t is 0 where t is finite and NaN where it is NaN or +-inf: one temporary and one
+    # counting pass, where isfinite() builds several temporaries
+    if not (t.is_floating_point() or t.is_complex()):
+        return torch.zeros((), dtype=torch.int64, device=t.device)
+    return torch.count_nonzero(t - t)

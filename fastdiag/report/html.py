@@ -59,7 +59,8 @@ def _chart_png(name: str, by_run: Mapping[str, Series], window: int | None) -> t
     """(base64 PNG, caption) of one metric's chart."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 3.0), dpi=80, layout="constrained")
+    fig = Figure(figsize=(6.4, 3.0), dpi=80)
+    fig.subplots_adjust(left=0.12, right=0.98, top=0.9, bottom=0.16)  # fixed: layout engines cost
     ax = fig.add_subplot()
     notes = []
     for index, (run, series) in enumerate(by_run.items()):

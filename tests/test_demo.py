@@ -1,0 +1,178 @@
+"""fastdiag demo: the two tiny LMs, the quick end-to-end run, and the frozen-router break."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+import sqlite3
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fastdiag.cli import main
+from fastdiag.demo import QUICK, BaselineLM, SetRoutingLM, load_corpus, run_demo
+from fastdiag.demo.models import SetAttentionBlock
+from fastdiag.demo.train import BASELINE_RUN, SET_RUN, CharData
+from fastdiag.logging import load_metrics
+from fastdiag.report import run_verdicts
+from fastdiag.schema import BASELINE_DIAGNOSTICS, COMPARISON_TABLE, SET_DIAGNOSTICS
+
+TINY = replace(QUICK, epochs=2, steps_per_epoch=4, batch=4, context=16, dim=32, val_batches=1)
+
+
+def explicit_set_attention(block, x, membership):
+    """The set-attention block written the direct way: materialise every set state
+    [B, N, S, D] at every position, then attend over the keys of those states."""
+    h = block.norm1(x)
+    v = block.value(h)
+    mass = membership.cumsum(1).unsqueeze(-1)
+    pooled = (membership.unsqueeze(-1) * v.unsqueeze(2)).cumsum(1)
+    states = (pooled + block.set_init) / (1.0 + mass)
+    scores = torch.einsum("bnd,bnsd->bns", block.query(h), block.key(states))
+    weights = torch.softmax(scores / math.sqrt(h.shape[-1]), dim=-1)
+    mixed = torch.einsum("bns,bnsd->bnd", weights, states)
+    x = x + block.out(mixed)
+    return x + block.mlp(block.norm2(x)), weights, states[:, -1]
+
+
+def test_set_attention_block_matches_the_explicit_set_states():
+    torch.manual_seed(0)
+    block = SetAttentionBlock(dim=12, num_sets=5).double()
+    x = torch.randn(3, 9, 12, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(3, 9, 5, dtype=torch.float64), -1)
+    top = probs.topk(2, dim=-1).indices
+    membership = torch.zeros_like(probs).scatter(-1, top, 1.0) * probs
+    got = block(x, membership)
+    want = explicit_set_attention(block, x, membership)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_models_are_causal_and_return_what_the_diagnostics_need():
+    torch.manual_seed(0)
+    vocab, batch, n = 11, 2, 10
+    ids = torch.randint(0, vocab, (batch, n))
+    changed = ids.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % vocab
+    baseline = BaselineLM(vocab, dim=16, heads=4, layers=2, context=n).eval()
+    out = baseline(ids)
+    assert out.logits.shape == (batch, n, vocab)
+    assert out.attention.shape == (batch, 4, n, n)
+    torch.testing.assert_close(out.attention.sum(-1), torch.ones(batch, 4, n))
+    assert (out.attention.triu(1) == 0).all()  # no weight on future tokens
+    attn = baseline.blocks[0].attn
+    h = baseline.blocks[0].norm1(baseline.embed(ids) + baseline.pos[:n])
+    v = h @ attn.in_proj_weight[32:].T + attn.in_proj_bias[32:]
+    torch.testing.assert_close(out.values, v.reshape(batch, n, 4, 4).transpose(1, 2))
+    assert set(baseline.attention_params()) == set(dict(attn.named_parameters()))
+
+    sets = SetRoutingLM(vocab, dim=16, num_sets=6, top_k=2, layers=2, context=n).eval()
+    out = sets(ids)
+    assert out.logits.shape == (batch, n, vocab)
+    assert out.bank_indices.shape == (batch, n, 2) and out.bank_indices.dtype == torch.long
+    assert ((out.bank_indices >= 0) & (out.bank_indices < 6)).all()
+    torch.testing.assert_close(out.router_probs.sum(-1), torch.ones(batch, n))
+    torch.testing.assert_close(out.router_probs, torch.softmax(out.router_logits, -1))
+    torch.testing.assert_close(out.set_attention.sum(-1), torch.ones(batch, n))
+    assert out.set_embeddings.shape == (batch, 6, 16)
+
+    for model in (baseline, sets):
+        before, after = model(ids).logits, model(changed).logits
+        torch.testing.assert_close(before[:, :6], after[:, :6])
+        assert not torch.allclose(before[:, 6:], after[:, 6:])
+    with pytest.raises(ValueError, match="top_k"):
+        SetRoutingLM(vocab, num_sets=4, top_k=5)
+
+
+def test_char_data_targets_are_the_next_characters():
+    text = load_corpus()
+    assert len(text) > 4000 and text.isascii()
+    data = CharData(text, torch.device("cpu"))
+    x, y = data.batch("train", 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16)
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])
+    decoded = "".join(data.chars[i] for i in torch.cat([x[0], y[0, -1:]]).tolist())
+    assert decoded in text
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "runs"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        status = main(["demo", "--quick", "--out", str(out)])
+    assert status == 0
+    return buffer.getvalue(), out
+
+
+def test_quick_demo_stores_every_diagnostics_key(quick_demo):
+    _, out = quick_demo
+    data = load_metrics(out / "demo.db")
+    assert set(data) == {BASELINE_RUN, SET_RUN}
+    assert set(SET_DIAGNOSTICS) <= set(data[SET_RUN])
+    assert set(BASELINE_DIAGNOSTICS) <= set(data[BASELINE_RUN])
+    for run in (BASELINE_RUN, SET_RUN):
+        series = data[run]
+        steps = QUICK.epochs * QUICK.steps_per_epoch
+        assert series["train/loss"].steps.tolist() == list(range(1, steps + 1))
+        assert series["epoch"].values.tolist() == [1.0, 2.0, 3.0]
+        losses = series["train/loss_epoch"].values
+        assert losses[-1] < losses[0]  # it learns
+    with sqlite3.connect(out / "demo.db") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_quick_demo_prints_progress_verdicts_and_comparison(quick_demo):
+    text, out = quick_demo
+    for run in (BASELINE_RUN, SET_RUN):
+        bars = re.findall(rf"^{re.escape(run)}\s+epoch (\d)/3 \[#+\] 12/12 .*val", text, re.M)
+        assert bars == ["1", "2", "3"]
+    assert "Health verdicts" in text
+    comparison = text.split("Baseline vs set routing")[1]
+    for row in COMPARISON_TABLE:
+        assert row.label in comparison
+    assert str(out / "demo_report.html") in text
+    page = (out / "demo_report.html").read_text()
+    assert "Comparison: baseline (baseline) vs set routing (set-routing)" in page
+    if pytest.importorskip("matplotlib"):
+        charts = re.findall(r"data-metric='([^']*)'", page)
+        assert set(SET_DIAGNOSTICS) | set(BASELINE_DIAGNOSTICS) <= set(charts)
+    healthy = {v.failure for v in run_verdicts(out / "demo.db", SET_RUN)}
+    assert "frozen router" not in healthy and "vanishing gradient" not in healthy
+
+
+def test_break_router_shows_the_frozen_router_verdict(tmp_path):
+    buffer = io.StringIO()
+    result = run_demo(tmp_path, config=TINY, break_router=True, stream=buffer)
+    found = {(v.key, v.failure) for v in result.verdicts[SET_RUN]}
+    assert ("ausa/router_weight_change", "frozen router") in found
+    assert ("ausa/router_gradient_norm", "vanishing gradient") in found
+    assert not any(f == "frozen router" for _, f in {(v.key, v.failure) for v in result.verdicts[BASELINE_RUN]})
+    text = buffer.getvalue()
+    assert "router frozen" in text and "frozen router" in text
+    stored = load_metrics(result.db, [SET_RUN])[SET_RUN]
+    assert stored["ausa/router_weight_change"].values.tolist() == [0.0, 0.0]
+    assert stored["ausa/router_gradient_norm"].values.tolist() == [0.0, 0.0]
+    assert ("ausa/router_weight_change", "frozen router") in {
+        (v.key, v.failure) for v in run_verdicts(result.db, SET_RUN)
+    }
+    assert torch.get_num_threads() >= 1  # restored after the demo
+
+
+def test_demo_restores_the_thread_setting(tmp_path):
+    before = torch.get_num_threads()
+    run_demo(tmp_path, config=replace(TINY, epochs=1), stream=io.StringIO(), threads=1)
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_demo_on_cuda(tmp_path):
+    result = run_demo(tmp_path, config=TINY, device="cuda", stream=io.StringIO())
+    data = load_metrics(result.db)
+    assert set(SET_DIAGNOSTICS) <= set(data[SET_RUN])
+    assert set(BASELINE_DIAGNOSTICS) <= set(data[BASELINE_RUN])
+    assert all(math.isfinite(v) for v in data[SET_RUN]["train/loss"].values.tolist())
