@@ -1,8 +1,8 @@
 """The ``fastdiag`` command (also ``python -m fastdiag``).
 
-    fastdiag build-ext                      build the C++ / CUDA extension now, print its path
-    fastdiag report RUN.db [--run A --run B] [--metric NAME ...] [--out report.html]
-    fastdiag demo [--quick] [--device cpu|cuda] [--break router] [--out runs/]
+fastdiag build-ext                      build the C++ / CUDA extension now, print its path
+fastdiag report RUN.db [--run A --run B] [--metric NAME ...] [--out report.html]
+fastdiag demo [--quick] [--device cpu|cuda] [--break router] [--out runs/]
 """
 
 from __future__ import annotations

@@ -378,7 +378,7 @@ def probe(module: nn.Module, name: str, fn: ProbeFn, *, at: str = "forward") -> 
     ``at="forward"``: ``fn(module, inputs, output)`` after each forward of ``module`` (e.g. a
     memory read norm). ``at="grad"``: ``fn(module)`` once per sampled step when gradients are
     ready (e.g. a mixer parameter's gradient). ``fn`` returns a tensor, averaged over its
-    entries on the device; it must not copy to the host.
+    entries on the device (it must not copy to the host), or None to skip this call.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -659,7 +659,9 @@ class Watch:
     def _probe_post(self, key: str, fn: ProbeFn, module: nn.Module, args: tuple, output: Any) -> None:
         if self._live and self.active:
             with torch.no_grad():
-                self.diagnostics.update_probe(key, fn(module, args, output))
+                value = fn(module, args, output)
+                if value is not None:
+                    self.diagnostics.update_probe(key, value)
 
     def _on_root_pre(self, module: nn.Module, args: tuple) -> None:
         if not self._live:
@@ -703,7 +705,9 @@ class Watch:
             if self._params is not None:
                 self._params.record_gradients(self.diagnostics, snapshot=snapshot)
             for key, module, fn in self._grad_probes:
-                self.diagnostics.update_probe(key, fn(module))
+                value = fn(module)
+                if value is not None:  # e.g. a parameter that got no gradient this step
+                    self.diagnostics.update_probe(key, value)
 
     def _on_pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         if self._live and self.active:
@@ -781,8 +785,12 @@ def watch(
     attention_names: ``"qualified"`` (module names, the default) or ``"index"`` (``layer_{i}``).
     diagnostics: feed an existing object instead of a new one.
 
-    Under ``torch.compile`` call ``watch`` before the first call of the compiled model: the
-    hooks run eagerly (a graph break at each hooked module).
+    Under ``torch.compile`` call ``watch`` before the first call of the compiled model (dynamo
+    keeps the hooks a module had when it was compiled; a sampled forward that ran none of the
+    attention hooks warns); the hooks run eagerly, one graph break at each hooked module, so
+    ``fullgraph=True`` is not possible while watching. While attached, the hooks also keep
+    ``nn.TransformerEncoderLayer`` off its fused inference fast path (PyTorch disables it for
+    hooked layers); ``remove()`` restores it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

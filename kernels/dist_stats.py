@@ -1,13 +1,14 @@
 """Triton backend of ``fastdiag::dist_stats`` (see ``fastdiag.ops._dist_stats`` for the contract).
 
 One read of ``x4`` [A, G, C, N]: each program owns ``BLOCK_R`` rows ``r = a * C + c`` and loops
-over the G heads, accumulating the head-mean row in registers while it computes the per-head
-statistics. A row of up to ``TILE_N_MAX`` entries is one tile; longer rows loop over blocks of
-``LOOP_BLOCK_N`` columns (additive statistics and a running top-k merge; logits then take a
-first pass for each head's max and normaliser, an online softmax, and a second pass for the
-statistics). Each program writes float64 partials ``[Slot.NUM + 4 G, num_programs]`` (one
-column per program); a second kernel reduces every row of that buffer in a fixed order, so the
-result is deterministic and no float atomic is used.
+over the G heads, accumulating the head-mean row in registers while it reduces each head's
+statistics. A row of up to ``TILE_N_MAX`` entries is one tile; longer rows stream in blocks of
+``LOOP_BLOCK_N`` columns (additive statistics, a running top-k merge; logits then take a first
+pass per head for its max and normaliser by online softmax). Softmax is never written out.
+
+Determinism, no float atomics: each program writes float64 partials ``[16, num_programs]`` and
+per-(head, row) statistics to a small float32 scratch (a row's validity is known only after its
+last head); ``_finalize_kernel`` reduces both in a fixed order, over the valid rows for heads.
 
 Top-k uses packed int64 keys: the high 32 bits are the float bits mapped to an order-preserving
 integer, the low 32 bits ``2^32 - 1 - j``; the max key is the largest value and, among equal
@@ -26,25 +27,28 @@ from torch import Tensor
 from fastdiag import backends
 from fastdiag.ops._dist_stats import MAX_TOPK, HeadSlot, RowSlot, Slot
 
-# Launch geometry, read at every call (tests lower them to reach the multi-block paths on small
-# shapes). The GPU choices, for a bandwidth-bound op whose floor is one read of x4:
-# * TILE_N_MAX = 8192: a row of <= 8192 entries is one tile (at most 16 fp32 values per thread
-#   for the head-mean accumulator with 16 warps), so logits need no second pass; longer rows
-#   stream in LOOP_BLOCK_N = 4096 column blocks.
-# * TILE_ELEMS = 4096: short rows are packed BLOCK_R per program so each head load moves 4096
-#   entries (8 KiB bf16, 16 KiB fp32); the next head's tile is loaded while the current one is
-#   reduced, so two tiles per program are in flight. Smaller tiles leave the head loop
-#   latency-bound; larger ones cost registers, hence resident programs, for no extra bandwidth.
-# * num_warps = tile / 512 (1..16): 16 values per thread per tile keeps the prefetched tile, the
-#   head-mean accumulator and the statistics temporaries near 100 registers without spills.
+# Launch geometry, read at every call (tests lower them to reach the multi-block and two-stage
+# paths on small shapes). GPU choices for a bandwidth-bound op whose floor is one read of x4
+# (checked with ptxas for sm_90: no spills for N in 8..20000, fp32 and bf16, up to topk 16):
+# * Per element and head the kernel issues ~15 instructions for probabilities (~26 for logits:
+#   exp, max and sum reductions), so at bf16 it is close to compute-bound: keep rows inside one
+#   warp (cross-warp reductions cost a shared-memory round trip and a barrier per head) and
+#   give each thread ~32 entries per tile (see _config): one warp per 1024 entries of a row,
+#   rows shorter than a warp's span stacked (BLOCK_R rows, 4 warps, <= 4 rows per thread).
+# * The next head's tile is loaded while the current one is reduced (two tiles in flight per
+#   program); at ~140-190 registers per thread that leaves 4-6 programs resident per SM.
+# * TILE_N_MAX = 8192: longer rows would need > 32 entries per thread at 8 warps; beyond, rows
+#   stream in LOOP_BLOCK_N = 4096 column blocks (logits then read each row twice).
 # * Per-head statistics go to a [G, num_blocks_n, 4, R] float32 scratch (16 bytes per head row,
-#   under 1% of the bytes read for N >= 512) that the finalize kernel reduces over the valid rows;
-#   keeping them in registers instead cost ~150 extra registers per thread (1 program per SM).
+#   under 1% of the bytes read for N >= 1024) instead of registers: [BLOCK_R, G] accumulators
+#   cost ~150 registers per thread (one program per SM).
+# * The finalize reduces FINAL_CHUNK items per program, then the chunk values (two stages only
+#   when R or the program count exceeds one chunk).
 TILE_N_MAX = 8192
 LOOP_BLOCK_N = 4096
-TILE_ELEMS = 4096
 MAX_BLOCK_R = 256
 FINAL_BLOCK = 1024
+FINAL_CHUNK = 16384
 
 _S_COUNT = tl.constexpr(Slot.COUNT)
 _S_ENTROPY = tl.constexpr(Slot.ENTROPY)
@@ -112,6 +116,18 @@ def _head_reduce(e, m, t, q, FUSED: tl.constexpr):
 
 
 @triton.jit
+def _vsum(keep, v):
+    """float64 sum of v over the rows where keep is set."""
+    return tl.sum(tl.where(keep, v.to(tl.float64), 0.0), axis=0)
+
+
+@triton.jit
+def _vmax0(keep, v):
+    """float64 max of v over the rows where keep is set, and 0."""
+    return tl.maximum(tl.max(tl.where(keep, v.to(tl.float64), 0.0), axis=0), 0.0)
+
+
+@triton.jit
 def _load_head(x_ptr, hoff, cols64, stride_n, lm, other):
     """One head's [BLOCK_R, BLOCK_N] tile as float32 (padding loads ``other``)."""
     ptrs = x_ptr + (hoff[:, None] + cols64[None, :] * stride_n)
@@ -128,6 +144,7 @@ def _dist_stats_kernel(
     hs_ptr,
     ms_ptr,
     valid_ptr,
+    stride_mask,
     R,
     G,
     C,
@@ -184,7 +201,7 @@ def _dist_stats_kernel(
     if LOGITS and not ONE_BLOCK:
         hoff = rbase
         mptr = ms_ptr + rows
-        for g in range(G):
+        for _g in range(G):
             m = tl.full([BLOCK_R], NEG_INF, tl.float32)
             s = tl.zeros([BLOCK_R], tl.float32)
             for nb in range(num_blocks_n):
@@ -296,7 +313,7 @@ def _dist_stats_kernel(
         rowbad = rowbad | (sq != sq)
     finite = ~rowbad
     if HAS_MASK:
-        allowed = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+        allowed = row_ok & (tl.load(mask_ptr + rows * stride_mask, mask=row_ok, other=0) != 0)
     else:
         allowed = row_ok
     valid = allowed & finite
@@ -308,28 +325,22 @@ def _dist_stats_kernel(
 
     # Per-program float64 partials, one column per program (max-reduced slots floored at 0).
     out = part_ptr + pid
-    tl.store(out + _S_COUNT * npg, tl.sum(valid.to(tl.float64), axis=0))
-    tl.store(out + _S_ENTROPY * npg, tl.sum(tl.where(valid, ent.to(tl.float64), 0.0), axis=0))
-    tl.store(out + _S_ENTROPY_SQ * npg, tl.sum(tl.where(valid, (ent * ent).to(tl.float64), 0.0), axis=0))
-    tl.store(out + _S_MAX * npg, tl.sum(tl.where(valid, mx.to(tl.float64), 0.0), axis=0))
-    tl.store(out + _S_MAX_SQ * npg, tl.sum(tl.where(valid, (mx * mx).to(tl.float64), 0.0), axis=0))
-    tl.store(out + _S_SUMSQ * npg, tl.sum(tl.where(valid, sq.to(tl.float64), 0.0), axis=0))
-    tl.store(out + _S_GT_TAU * npg, tl.sum(tl.where(valid, gtau.to(tl.float64), 0.0), axis=0))
-    tl.store(out + _S_GT_EPS * npg, tl.sum(tl.where(valid, geps.to(tl.float64), 0.0), axis=0))
-    tl.store(out + _S_ROWSUM_ERR * npg, tl.sum(tl.where(valid, rerr.to(tl.float64), 0.0), axis=0))
-    tl.store(
-        out + _S_ROWSUM_ERR_MAX * npg,
-        tl.maximum(tl.max(tl.where(valid, rerr.to(tl.float64), 0.0), axis=0), 0.0),
-    )
-    tl.store(out + _S_FUTURE * npg, tl.sum(tl.where(valid, fut.to(tl.float64), 0.0), axis=0))
-    tl.store(
-        out + _S_FUTURE_MAX * npg,
-        tl.maximum(tl.max(tl.where(valid, fut.to(tl.float64), 0.0), axis=0), 0.0),
-    )
-    tl.store(out + _S_LOCAL * npg, tl.sum(tl.where(valid, loc.to(tl.float64), 0.0), axis=0))
-    tl.store(out + _S_ABS_DEV * npg, tl.sum(tl.where(valid, adev.to(tl.float64), 0.0), axis=0))
-    tl.store(out + _S_NONFINITE * npg, tl.sum((allowed & ~finite).to(tl.float64), axis=0))
-    tl.store(out + _S_MASKED * npg, tl.sum((row_ok & ~allowed).to(tl.float64), axis=0))
+    tl.store(out + _S_COUNT * npg, _vsum(valid, valid))
+    tl.store(out + _S_ENTROPY * npg, _vsum(valid, ent))
+    tl.store(out + _S_ENTROPY_SQ * npg, _vsum(valid, ent * ent))
+    tl.store(out + _S_MAX * npg, _vsum(valid, mx))
+    tl.store(out + _S_MAX_SQ * npg, _vsum(valid, mx * mx))
+    tl.store(out + _S_SUMSQ * npg, _vsum(valid, sq))
+    tl.store(out + _S_GT_TAU * npg, _vsum(valid, gtau))
+    tl.store(out + _S_GT_EPS * npg, _vsum(valid, geps))
+    tl.store(out + _S_ROWSUM_ERR * npg, _vsum(valid, rerr))
+    tl.store(out + _S_ROWSUM_ERR_MAX * npg, _vmax0(valid, rerr))
+    tl.store(out + _S_FUTURE * npg, _vsum(valid, fut))
+    tl.store(out + _S_FUTURE_MAX * npg, _vmax0(valid, fut))
+    tl.store(out + _S_LOCAL * npg, _vsum(valid, loc))
+    tl.store(out + _S_ABS_DEV * npg, _vsum(valid, adev))
+    tl.store(out + _S_NONFINITE * npg, _vsum(allowed & ~finite, allowed))
+    tl.store(out + _S_MASKED * npg, _vsum(row_ok & ~allowed, row_ok))
 
     if WANT_ROWS:
         ro = rows * _R_NUM
@@ -346,15 +357,16 @@ def _dist_stats_kernel(
 
 
 @triton.jit
-def _reduce_partials(part_ptr, src, P, BLOCK: tl.constexpr):
-    """Sum (max for the max-reduced slots) of row ``src`` of the [16, P] program partials."""
+def _reduce_partials(part_ptr, src, P, lo, hi, BLOCK: tl.constexpr):
+    """Sum (max for the max-reduced slots) of row ``src`` of the [16, P] program partials over
+    programs [lo, hi)."""
     offs = tl.arange(0, BLOCK)
     base = part_ptr + src.to(tl.int64) * P
     acc_sum = tl.zeros([BLOCK], tl.float64)
     acc_max = tl.zeros([BLOCK], tl.float64)  # max slots are >= 0 in every program
-    for start in range(0, P, BLOCK):
+    for start in range(lo, hi, BLOCK):
         idx = start + offs
-        v = tl.load(base + idx, mask=idx < P, other=0.0)
+        v = tl.load(base + idx, mask=idx < hi, other=0.0)
         acc_sum += v
         acc_max = tl.maximum(acc_max, v)
     is_max = (src == _S_ROWSUM_ERR_MAX) | (src == _S_FUTURE_MAX)
@@ -362,18 +374,18 @@ def _reduce_partials(part_ptr, src, P, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _reduce_head(hs_ptr, valid_ptr, hcol, R, num_blocks_n, BLOCK: tl.constexpr):
-    """Head column ``hcol = 4 g + s`` from the [G, nbn, 4, R] scratch: combined over column
-    blocks (max for HeadSlot.MAX, else sum), then summed over the valid rows."""
+def _reduce_head(hs_ptr, valid_ptr, hcol, R, num_blocks_n, lo, hi, BLOCK: tl.constexpr):
+    """Head column ``hcol = 4 g + s`` from the [G, nbn, 4, R] scratch over rows [lo, hi):
+    combined over column blocks (max for HeadSlot.MAX, else sum), summed over valid rows."""
     offs = tl.arange(0, BLOCK)
     g = hcol // _H_NUM
     s = hcol - g * _H_NUM
     r64 = tl.cast(R, tl.int64)
     base = hs_ptr + (g.to(tl.int64) * num_blocks_n * _H_NUM + s) * r64
     acc = tl.zeros([BLOCK], tl.float64)
-    for start in range(0, R, BLOCK):
+    for start in range(lo, hi, BLOCK):
         idx = start + offs
-        im = idx < R
+        im = idx < hi
         bptr = base + idx
         v = tl.load(bptr, mask=im, other=0.0)
         for _nb in range(1, num_blocks_n):
@@ -390,21 +402,28 @@ def _finalize_kernel(
     part_ptr,
     hs_ptr,
     valid_ptr,
+    out_ptr,
     sums_ptr,
     head_ptr,
     P,
     R,
     num_blocks_n,
+    chunk,
     MULTI_HEAD: tl.constexpr,
+    TWO_STAGE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Output ``col`` (Slot col < 16, head column 16 + 4 g + s) reduced in a fixed order."""
+    """Output column ``col`` (Slot col < 16, head column 16 + 4 g + s) over item chunk
+    ``program_id(1)`` (programs for Slot columns, rows for head columns), in a fixed order.
+    TWO_STAGE: write the chunk's value to out[col, chunk] for _stage_kernel; else the result."""
     col = tl.program_id(0)
+    lo = tl.program_id(1).to(tl.int64) * chunk  # int64: R may pass 2^31 rows
     if MULTI_HEAD:
         if col < _S_NUM:
-            total = _reduce_partials(part_ptr, col, P, BLOCK)
+            total = _reduce_partials(part_ptr, col, P, lo, tl.minimum(lo + chunk, P), BLOCK)
         else:
-            total = _reduce_head(hs_ptr, valid_ptr, col - _S_NUM, R, num_blocks_n, BLOCK)
+            hi = tl.minimum(lo + chunk, R)
+            total = _reduce_head(hs_ptr, valid_ptr, col - _S_NUM, R, num_blocks_n, lo, hi, BLOCK)
     else:
         # one head: its statistics are the row statistics, reduced from the matching slot
         hcol = col - _S_NUM
@@ -417,11 +436,38 @@ def _finalize_kernel(
                 tl.where(hcol == _H_MAX, _S_MAX, tl.where(hcol == _H_GT_TAU, _S_GT_TAU, _S_SUMSQ)),
             ),
         )
-        total = _reduce_partials(part_ptr, src, P, BLOCK)
+        total = _reduce_partials(part_ptr, src, P, lo, tl.minimum(lo + chunk, P), BLOCK)
+    if TWO_STAGE:
+        tl.store(out_ptr + col * tl.num_programs(1) + tl.program_id(1), total)
+    else:
+        if col < _S_NUM:
+            tl.store(sums_ptr + col, total)
+        else:
+            tl.store(head_ptr + (col - _S_NUM), total)
+
+
+@triton.jit
+def _stage_kernel(stage_ptr, sums_ptr, head_ptr, nchunk, BLOCK: tl.constexpr):
+    """Second stage of the finalize: reduce row ``col`` of the [ncol, nchunk] chunk values."""
+    col = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    acc_sum = tl.zeros([BLOCK], tl.float64)
+    acc_max = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, nchunk, BLOCK):
+        idx = start + offs
+        v = tl.load(stage_ptr + col * nchunk + idx, mask=idx < nchunk, other=0.0)
+        acc_sum += v
+        acc_max = tl.maximum(acc_max, v)
+    is_max = (col == _S_ROWSUM_ERR_MAX) | (col == _S_FUTURE_MAX)
+    total = tl.where(is_max, tl.max(acc_max, axis=0), tl.sum(acc_sum, axis=0))
     if col < _S_NUM:
         tl.store(sums_ptr + col, total)
     else:
         tl.store(head_ptr + (col - _S_NUM), total)
+
+
+def _is_fake(t: Tensor) -> bool:
+    return t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t)
 
 
 def _fast_log(dev: torch.device) -> bool:
@@ -451,14 +497,16 @@ def _config(n: int, r: int, elem_size: int) -> dict[str, int]:
     elif block_n > warp_span:
         block_r, num_warps = 1024 // block_n, 1
     else:
-        block_r, num_warps = 2048 // block_n, 4
-    block_r = min(block_r, _pow2(r), MAX_BLOCK_R)
-    num_warps = min(num_warps, max(1, (block_r * block_n) // 512))
-    return dict(BLOCK_N=block_n, num_blocks_n=nbn, BLOCK_R=block_r, num_warps=_pow2(min(16, num_warps)))
+        block_r, num_warps = min(MAX_BLOCK_R, 2048 // block_n), 4
+    if _pow2(r) < block_r:  # few rows: a smaller tile, fewer warps
+        block_r = _pow2(r)
+        num_warps = min(num_warps, max(1, (block_r * block_n) // 512))
+    return dict(
+        BLOCK_N=block_n, num_blocks_n=nbn, BLOCK_R=block_r, num_warps=_pow2(min(16, num_warps))
+    )
 
 
-@torch.library.triton_op("fastdiag::dist_stats_triton", mutates_args=())
-def dist_stats_triton(
+def _dist_stats_impl(
     x4: Tensor,
     row_mask: Tensor | None,
     from_logits: bool,
@@ -471,7 +519,8 @@ def dist_stats_triton(
     want_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton backend of the canonical op: (sums f64[16], head_sums f64[G, 4],
-    rows f32[R or 0, 4], topk i64[R, k]) for x4 [A, G, C, N], R = A * C."""
+    rows f32[R or 0, 4], topk i64[R, k]) for x4 [A, G, C, N], R = A * C. Launches only
+    through ``torch.library.wrap_triton`` (traceable: no host reads of device data)."""
     if x4.dim() != 4:
         raise ValueError(f"x4 must be 4-d [A, G, C, N], got shape {tuple(x4.shape)}")
     if not 0 <= topk <= MAX_TOPK:
@@ -485,7 +534,7 @@ def dist_stats_triton(
     dev = x4.device
     rows_out = torch.empty((r if want_rows else 0, RowSlot.NUM), dtype=torch.float32, device=dev)
     topk_out = torch.empty((r, topk), dtype=torch.int64, device=dev)
-    if r == 0 or n == 0:
+    if r == 0 or n == 0 or (_INTERPRET and _is_fake(x4)):
         sums = torch.zeros(Slot.NUM, dtype=torch.float64, device=dev)
         head_sums = torch.zeros(g_dim, HeadSlot.NUM, dtype=torch.float64, device=dev)
         return sums, head_sums, rows_out, topk_out
@@ -516,6 +565,7 @@ def dist_stats_triton(
             hs,
             ms,
             valid,
+            row_mask.stride(0) if row_mask is not None else 0,
             r,
             g_dim,
             c_dim,
@@ -545,17 +595,49 @@ def dist_stats_triton(
             BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"],
         )
-        torch.library.wrap_triton(_finalize_kernel)[(Slot.NUM + HeadSlot.NUM * g_dim,)](
+        # fixed-order reduction of the partials (and head scratch): chunks of FINAL_CHUNK items
+        # per program, then one more pass over the chunk values when there is more than one
+        items = r if multi_head else nprog
+        nchunk = -(-items // FINAL_CHUNK)
+        ncol = Slot.NUM + HeadSlot.NUM * g_dim
+        stage = torch.empty((ncol, nchunk), dtype=torch.float64, device=dev) if nchunk > 1 else part
+        torch.library.wrap_triton(_finalize_kernel)[(ncol, nchunk)](
             part,
             hs,
             valid,
+            stage,
             sums,
             head_sums,
             nprog,
             r,
             nbn,
+            FINAL_CHUNK,
             MULTI_HEAD=multi_head,
-            BLOCK=min(FINAL_BLOCK, _pow2(max(nprog, r if multi_head else 1))),
+            TWO_STAGE=nchunk > 1,
+            BLOCK=min(FINAL_BLOCK, _pow2(min(items, FINAL_CHUNK))),
             num_warps=4,
         )
+        if nchunk > 1:
+            torch.library.wrap_triton(_stage_kernel)[(ncol,)](
+                stage, sums, head_sums, nchunk, BLOCK=min(FINAL_BLOCK, _pow2(nchunk)), num_warps=4
+            )
     return sums, head_sums, rows_out, topk_out
+
+
+def _fake(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _dist_stats_impl(*args)  # allocates the outputs; launches nothing on fake tensors
+
+
+# Compiled Triton: a triton_op, so torch.compile sees (and Inductor schedules) the kernels.
+# Under TRITON_INTERPRET=1 wrap_triton returns the interpreted kernel itself, which cannot run on
+# fake or functional tensors; there the same launcher is an opaque custom op with a fake impl.
+_INTERPRET = backends.triton_interpreting()
+if _INTERPRET:
+    dist_stats_triton = torch.library.custom_op("fastdiag::dist_stats_triton", mutates_args=())(
+        _dist_stats_impl
+    )
+    dist_stats_triton.register_fake(_fake)
+else:
+    dist_stats_triton = torch.library.triton_op("fastdiag::dist_stats_triton", mutates_args=())(
+        _dist_stats_impl
+    )

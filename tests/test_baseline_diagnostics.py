@@ -22,6 +22,7 @@ from tests.test_set_diagnostics import (
     NONFINITE,
     RTOL,
     assert_stats_close,
+    epochs_for,
     forbid_host_sync,
     twin_generators,
 )
@@ -108,7 +109,7 @@ def _mha_batches(epochs=3, updates=3, b=2, n=9, d=16, heads=4, causal=False, see
 @pytest.mark.parametrize("causal", [False, True])
 def test_parity_multihead_attention(backend, name, causal):
     backend(name)
-    results = _run_pair(_mha_batches(causal=causal))
+    results = _run_pair(_mha_batches(epochs=epochs_for(name), causal=causal))
     for expected, got in results:
         assert_stats_close(expected, got)
         assert got[NONFINITE] == 0
@@ -172,7 +173,7 @@ def _random_batches(seed=4, epochs=3, updates=4):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_parity_random_attention_with_missing_inputs(backend, name):
     backend(name)
-    for expected, got in _run_pair(_random_batches()):
+    for expected, got in _run_pair(_random_batches(epochs=epochs_for(name))):
         assert_stats_close(expected, got)
 
 

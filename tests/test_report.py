@@ -153,9 +153,7 @@ def test_html_report_has_one_chart_per_requested_metric(tmp_path):
 
     everything = write_html(path, tmp_path / "all.html", runs=["base"])
     all_charts = re.findall(r"<figure class='chart' data-metric='([^']*)'>", everything.read_text())
-    assert sorted(all_charts) == sorted(
-        ["train/loss", "shared"] + [k for k in _baseline_keys()]
-    )
+    assert sorted(all_charts) == sorted(["train/loss", "shared"] + [k for k in _baseline_keys()])
 
 
 def _baseline_keys():

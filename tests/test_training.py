@@ -611,7 +611,15 @@ def test_hooks_never_copy_to_host(monkeypatch, with_optimizer):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_compiled_model_gives_the_eager_numbers():
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo caches compiled code across tests (and skips guards on module hooks)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_model_gives_the_eager_numbers(fresh_dynamo):
     eager = encoder()
     compiled_src = copy.deepcopy(eager)
     x = torch.randn(BATCH, SEQ, D)
@@ -637,7 +645,7 @@ def test_compiled_model_gives_the_eager_numbers():
         assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7, nan_ok=True), k
 
 
-def test_watching_the_compiled_wrapper_uses_the_inner_names():
+def test_watching_the_compiled_wrapper_uses_the_inner_names(fresh_dynamo):
     model = encoder(layers=1)
     compiled = torch.compile(model, backend="eager")
     with watch(compiled, gradients=False) as handle:
@@ -707,7 +715,7 @@ def test_watch_on_cuda_never_synchronises():
     assert stats["grad_norm_total"] > 0
 
 
-def test_watch_after_the_first_compiled_call_says_so():
+def test_watch_after_the_first_compiled_call_says_so(fresh_dynamo):
     model = encoder(layers=1)
     compiled = torch.compile(model, backend="eager")
     x = torch.randn(BATCH, SEQ, D)

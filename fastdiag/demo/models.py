@@ -68,7 +68,9 @@ class AttentionBlock(nn.Module):
 class BaselineLM(nn.Module):
     """Token-token attention LM: embeddings, ``layers`` attention blocks, a linear head."""
 
-    def __init__(self, vocab: int, dim: int = 64, heads: int = 4, layers: int = 2, context: int = 64):
+    def __init__(
+        self, vocab: int, dim: int = 64, heads: int = 4, layers: int = 2, context: int = 64
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.randn(context, dim) * 0.02)

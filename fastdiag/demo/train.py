@@ -130,7 +130,9 @@ class ProgressBar:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: CharData, cfg: DemoConfig, generator: torch.Generator) -> float:
+def evaluate(
+    model: nn.Module, data: CharData, cfg: DemoConfig, generator: torch.Generator
+) -> float:
     """Mean validation cross-entropy (nats per character) over ``cfg.val_batches`` batches."""
     model.eval()
     total = torch.zeros((), device=data.device)
@@ -248,13 +250,14 @@ def _run_demo(
 ) -> DemoResult:
     started = time.perf_counter()
     cfg = config or (QUICK if quick else FULL)
+    size = {QUICK: "quick", FULL: "full"}.get(cfg, "custom")
     out.mkdir(parents=True, exist_ok=True)
     db = out / "demo.db"
     _remove_db(db)  # each demo starts a fresh database
     data = CharData(load_corpus(), dev)
     set_cls, baseline_cls = diagnostics_classes()
     stream.write(
-        f"fastdiag demo ({'quick' if quick else 'full'} size): {len(data.splits['train'])} training "
+        f"fastdiag demo ({size} size): {len(data.splits['train'])} training "
         f"characters, vocab {data.vocab}, {cfg.epochs} epochs x {cfg.steps_per_epoch} steps, "
         f"device {dev}, diagnostics {set_cls.__module__}"
         + (", router frozen" if break_router else "")
@@ -267,9 +270,12 @@ def _run_demo(
     baseline = BaselineLM(data.vocab, cfg.dim, cfg.heads, cfg.layers, cfg.context).to(dev)
     baseline_diag = baseline_cls()
     attention_params = baseline.attention_params()
+    value_generator = torch.Generator(device=dev).manual_seed(cfg.seed)
 
     def observe_baseline(output: Any, ids: Tensor) -> None:
-        baseline_diag.update(output.attention, attention_params, output.values)
+        baseline_diag.update(
+            output.attention, attention_params, output.values, generator=value_generator
+        )
 
     with MetricsLogger(db, run=BASELINE_RUN, config={**base_config, "model": "BaselineLM"}) as log:
         result.history[BASELINE_RUN] = train_run(

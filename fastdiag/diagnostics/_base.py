@@ -27,10 +27,15 @@ from torch import Tensor
 
 from fastdiag import ops
 from fastdiag.accumulator import Accumulator
-from fastdiag.diagnostics import _fallback
+from fastdiag.ops import cosine as _cosine
 from fastdiag.ops import norms as _norms
+from fastdiag.ops import spectral as _spectral
 
 COSINE_SAMPLES = 100  # rows drawn by the seed's sampled cosine estimate
+
+# the public ops (``fastdiag.ops`` re-exports them; their modules until it does)
+cosine_stats = getattr(ops, "cosine_stats", _cosine.cosine_stats)
+effective_rank = getattr(ops, "effective_rank", _spectral.effective_rank)
 NONFINITE_ROWS = "health/nonfinite_rows"
 
 
@@ -211,7 +216,7 @@ def embedding_values(
         return out
     idx = sample_rows(m, generator, samples).to(device, non_blocking=True)
     sample = clean[idx]
-    cos = _fallback.resolve("cosine_stats")(sample)
+    cos = cosine_stats(sample)
     # zeroed (invalid) rows have cosine 0 with every row: rescale the mean to the valid pairs
     k = idx.numel()
     v = valid[idx].sum().to(torch.float64)
@@ -223,7 +228,7 @@ def embedding_values(
 
 def effective_rank_mean(clean: Tensor) -> Tensor:
     """Mean over the leading axes of the effective rank of each [S, D] matrix, float64 0-d."""
-    erank = _fallback.resolve("effective_rank")(clean)
+    erank = effective_rank(clean)
     return erank.to(torch.float64).mean()
 
 

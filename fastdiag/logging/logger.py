@@ -343,10 +343,11 @@ class MetricsLogger:
                 self._closed = True
             lost = sum(len(s.pending) for s in self._states)
             if lost:
-                self._warnings.append(
-                    f"fastdiag.MetricsLogger: {lost} rows could not be stored before close "
-                    f"(run {self.run!r}); {self.dropped} rows dropped in all"
-                )
+                with self._cv:
+                    self._warnings.append(
+                        f"fastdiag.MetricsLogger: {lost} rows could not be stored before close "
+                        f"(run {self.run!r}); {self.dropped} rows dropped in all"
+                    )
         self._emit_warnings()
 
     @property
@@ -424,8 +425,8 @@ class MetricsLogger:
                         event.synchronize()
                     host_values = host.tolist()  # host ok: writer thread, after the event
                 except Exception as exc:  # noqa: BLE001 - e.g. a failed CUDA kernel
-                    self._queue_dropped += len(group_names)
                     with self._cv:
+                        self._queue_dropped += len(group_names)
                         self._warnings.append(
                             f"fastdiag.MetricsLogger: could not read tensors at step {step} "
                             f"({type(exc).__name__}: {exc})"

@@ -116,7 +116,13 @@ class SQLiteSink(Sink):
 
     def write(self, rows: Sequence[Row]) -> None:
         if self._conn is None:
-            self._conn = self._connect()
+            conn = self._connect()
+            try:
+                create_schema(conn)  # idempotent: covers a file removed or replaced mid-run
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
         run = self._run
         params = []
         for step, name, value, wall in rows:

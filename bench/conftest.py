@@ -1,0 +1,40 @@
+"""Benchmark configuration: names the machine in the report header and in the JSON output."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, object]:
+    info: dict[str, object] = {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def pytest_report_header(config) -> str:
+    return "fastdiag bench: " + ", ".join(f"{k}={v}" for k, v in machine().items())
+
+
+def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
+    machine_info["fastdiag"] = machine()

@@ -1,0 +1,144 @@
+"""Off-diagonal cosine similarity statistics of the rows of batched matrices.
+
+For ``x`` [..., M, D], per leading index, with cos_ij = <x_i, x_j> / (|x_i| |x_j| + 1e-8) (the
+seed's formula; zero rows give 0) over the ordered pairs i != j:
+
+* ``mean``     mean of cos_ij (METRICS.md: set_cosine_similarity_mean, pairwise_cosine_mean)
+* ``max``      max of cos_ij (duplicate detector: set_cosine_similarity_max, pairwise_cosine_max)
+* ``max_abs``  max of |cos_ij| (seed 003's bank coherence_offdiag_max)
+
+Exact by default, blockwise so that no M x M matrix is held: the Triton kernel
+(``fastdiag.kernels.cosine``) on the triton backend, row blocks of at most ~16M cosines in torch
+otherwise. ``sample=n`` reproduces the seed's estimate: ``idx = torch.randperm(M,
+generator=generator)[:n]`` (on the generator's device, the CPU default generator when None), then
+the statistics of those rows. With M < 2 there is no pair and every output is NaN. Outputs are
+float32 tensors of the leading shape; the mean is accumulated in float64. A NaN / inf entry
+makes that matrix's three outputs NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastdiag import backends
+
+__all__ = ["COSINE_EPS", "CosineStats", "cosine_stats"]
+
+COSINE_EPS = 1e-8
+_TILE_ELEMS = 1 << 24  # cosines per row block on the torch path
+
+
+class CosineStats(NamedTuple):
+    """Off-diagonal cosine statistics, each of the leading shape of ``x`` (float32)."""
+
+    mean: Tensor
+    max: Tensor
+    max_abs: Tensor
+
+
+def cosine_stats(
+    x: Tensor, sample: int | None = None, generator: torch.Generator | None = None
+) -> CosineStats:
+    """Mean, max and max-abs off-diagonal cosine similarity of the rows of ``x`` [..., M, D].
+
+    ``sample=n`` uses n = min(n, M) rows drawn without replacement by
+    ``torch.randperm(M, generator=generator)[:n]`` (the seed's estimate, same rows for the same
+    generator state; the same rows for every leading index). Returns a :class:`CosineStats`.
+    """
+    _check(x, sample)
+    x = x.detach()
+    m = x.shape[-2]
+    if sample is not None:
+        n = min(sample, m)
+        device = generator.device if generator is not None else torch.device("cpu")
+        idx = torch.randperm(m, generator=generator, device=device)[:n]
+        x = x.index_select(-2, idx.to(x.device, non_blocking=True))
+    return _cosine_exact(x)
+
+
+def _check(x: Tensor, sample: int | None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape [..., M, D], got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [..., M, D] (at least 2 dims), got shape {shape}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(
+            f"x must be float32, float16, bfloat16 or float64, got {x.dtype} with shape {shape}"
+        )
+    if x.shape[-2] == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x needs at least one row and one column, got shape {shape}")
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 2):
+        raise ValueError(f"sample must be an int >= 2 (rows to draw) or None, got {sample!r}")
+
+
+def _cosine_exact(x: Tensor) -> CosineStats:
+    m = x.shape[-2]
+    lead = x.shape[:-2]
+    if m < 2:
+        nan = torch.full(lead, float("nan"), dtype=torch.float32, device=x.device)
+        return CosineStats(nan, nan.clone(), nan.clone())
+    if x.dtype != torch.float64 and backends.resolve(x.device) == "triton":
+        total, best, best_abs = _cosine_triton(x)
+    else:
+        total, best, best_abs = cosine_torch(x)
+    mean = total / (m * (m - 1))
+    # NaN anywhere makes the sum NaN; make max and max_abs say so too (Triton's max skips NaN)
+    nan = torch.isnan(mean)
+    best = torch.where(nan, float("nan"), best.to(torch.float64))
+    best_abs = torch.where(nan, float("nan"), best_abs.to(torch.float64))
+    return CosineStats(
+        mean.to(torch.float32), best.to(torch.float32), best_abs.to(torch.float32)
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    from fastdiag.kernels import cosine
+
+    return cosine
+
+
+def _cosine_triton(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    kern = _kernels()
+    m, d = x.shape[-2], x.shape[-1]
+    x3 = x.reshape(-1, m, d)
+    block_m, block_d, tiles = kern.launch_config(m, d, backends.triton_interpreting())
+    parts = kern.cosine_partials(x3, block_m, block_d, tiles)
+    lead = x.shape[:-2]
+    total = parts[..., 0].sum(-1, dtype=torch.float64).reshape(lead)
+    best = parts[..., 1].amax(-1).reshape(lead)
+    best_abs = parts[..., 2].amax(-1).reshape(lead)
+    return total, best, best_abs
+
+
+def cosine_torch(x: Tensor, block_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(sum f64, max, max |.|) over the off-diagonal cosines, in row blocks of ``block_rows``
+    (default: ~16M cosines per block over the whole batch), never an M x M matrix beyond that."""
+    work = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    m = work.shape[-2]
+    lead = work.shape[:-2]
+    batch = math.prod(lead)
+    if block_rows is None:
+        block_rows = max(1, min(m, _TILE_ELEMS // max(1, batch * m)))
+    norms = torch.linalg.vector_norm(work, dim=-1)
+    cols = torch.arange(m, device=x.device)
+    total = torch.zeros(lead, dtype=torch.float64, device=x.device)
+    best = torch.full(lead, float("-inf"), dtype=work.dtype, device=x.device)
+    best_abs = torch.full(lead, float("-inf"), dtype=work.dtype, device=x.device)
+    for i0 in range(0, m, block_rows):
+        i1 = min(m, i0 + block_rows)
+        dots = work[..., i0:i1, :] @ work.mT
+        cos = dots / (norms[..., i0:i1, None] * norms[..., None, :] + COSINE_EPS)
+        diag = cols[None, :] == torch.arange(i0, i1, device=x.device)[:, None]
+        total = total + torch.where(diag, 0.0, cos).sum(dim=(-2, -1), dtype=torch.float64)
+        best = torch.maximum(best, torch.where(diag, float("-inf"), cos).amax(dim=(-2, -1)))
+        best_abs = torch.maximum(
+            best_abs, torch.where(diag, float("-inf"), cos.abs()).amax(dim=(-2, -1))
+        )
+    return total, best, best_abs
