@@ -75,7 +75,7 @@ def _build_dir(sources: list[Path], with_cuda: bool) -> tuple[str, Path]:
 
 
 def _flags(with_cuda: bool) -> dict[str, list[str]]:
-    cflags = ["-O3", "-fopenmp", "-std=c++17"]
+    cflags = ["-O3", "-fopenmp"]  # torch adds its own -std= (C++20 for torch >= 2.10)
     if platform.machine() in ("x86_64", "AMD64"):
         cflags.append("-march=native")
     flags = {"extra_cflags": cflags, "extra_ldflags": ["-fopenmp"]}

@@ -182,7 +182,7 @@ def _dist_stats_kernel(
     r64 = tl.cast(R, tl.int64)
     n32 = tl.cast(N, tl.float32)
     inv_n = 1.0 / n32
-    inv_g = 1.0 / tl.cast(G, tl.float32)
+    g32 = tl.cast(G, tl.float32)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
     a = rows // C
@@ -191,9 +191,8 @@ def _dist_stats_kernel(
     kcol = tl.arange(0, K_PAD)
 
     # Non-finite input is found without per-element tests: a logit head is bad when its softmax
-    # normaliser is not >= 1 (NaN from NaN/+inf, 0 when all -inf); a probability row is bad when
-    # sum(p * p + p * 0) is NaN (p * 0 is NaN exactly for non-finite p; the head mean p is built
-    # from x / G terms, so finite entries cannot overflow it).
+    # normaliser is not >= 1 (NaN from NaN/+inf, 0 when all -inf); a probability head is bad when
+    # sum(x * x + x * 0) is NaN (x * 0 is NaN exactly for non-finite x; huge finite x give inf).
     rowbad = tl.zeros([BLOCK_R], tl.int1)
 
     # Pass 1, long logit rows only: each head's max and normaliser by online softmax, kept in
@@ -256,7 +255,7 @@ def _dist_stats_kernel(
                 ph = e * (1.0 / tl.where(s > 0, s, 1.0))[:, None]
             else:
                 ph = x
-            pacc += ph * inv_g
+            pacc += ph
             if MULTI_HEAD:  # one head: the head stats are the row stats (finalize copies them)
                 if EVEN_N:
                     hmx = ph
@@ -264,14 +263,19 @@ def _dist_stats_kernel(
                 else:
                     hmx = tl.where(lm, ph, NEG_INF)
                     hgt = tl.where((ph > tau) & lm, 1.0, 0.0)
-                he, hm, ht, hq = _head_reduce(_plog2p(ph, FAST_LOG), hmx, hgt, ph * ph, FUSED)
+                hsq = ph * ph if LOGITS else ph * ph + ph * 0.0
+                he, hm, ht, hq = _head_reduce(_plog2p(ph, FAST_LOG), hmx, hgt, hsq, FUSED)
+                if not LOGITS:
+                    rowbad = rowbad | (hq != hq)
                 tl.store(hptr + _H_ENTROPY * r64, -LN2 * he, mask=row_ok)
                 tl.store(hptr + _H_MAX * r64, hm, mask=row_ok)
                 tl.store(hptr + _H_GT_TAU * r64, ht, mask=row_ok)
                 tl.store(hptr + _H_SUMSQ * r64, hq, mask=row_ok)
             mptr += 2 * r64
             hptr += num_blocks_n * _H_NUM * r64
-        p = pacc
+        # head mean as torch computes it (sequential sum, correctly rounded divide): bit-equal
+        # to the torch backend for G <= 3, so exact ties survive and top-k indices agree
+        p = tl.div_rn(pacc, g32) if MULTI_HEAD else pacc
         if EVEN_N:
             pmx = p
             pgt = tl.where(p > tau, 1.0, 0.0)
@@ -286,7 +290,7 @@ def _dist_stats_kernel(
         # separate reductions: a fused 8-tuple keeps 8 tile-sized temporaries live (spills)
         ent += tl.sum(_plog2p(p, FAST_LOG), axis=1)
         mx = tl.maximum(mx, tl.max(pmx, axis=1))
-        sq += tl.sum(p * p + p * 0.0, axis=1)
+        sq += tl.sum(p * p if MULTI_HEAD or LOGITS else p * p + p * 0.0, axis=1)
         gtau += tl.sum(pgt, axis=1)
         geps += tl.sum(pge, axis=1)
         rsum += tl.sum(p, axis=1)
@@ -309,7 +313,7 @@ def _dist_stats_kernel(
                 best = tl.where(best == top[:, None], _MINKEY, best)
             best = merged
 
-    if not LOGITS:
+    if not (LOGITS or MULTI_HEAD):
         rowbad = rowbad | (sq != sq)
     finite = ~rowbad
     if HAS_MASK:

@@ -198,6 +198,7 @@ def test_triton_kernel(backend, shape):
 
 @pytest.mark.interpreter
 @needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_triton_kernel_strides_dtypes_nonfinite(backend):
     backend("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
