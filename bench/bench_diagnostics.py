@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,6 +36,7 @@ import torch
 import fastdiag
 from fastdiag import backends, reference
 from fastdiag.diagnostics import BaselineAttentionDiagnostics, SetDiagnostics
+from fastdiag.ops import spectral
 
 SET_SHAPE = dict(b=32, n=512, s=64, d=512, vocab=50257)
 BASELINE_SHAPE = (8, 12, 512, 512)
@@ -172,14 +174,16 @@ def measure(device: str = "cpu", rounds: int = 5) -> list[dict]:
 
 
 def environment(device: str) -> dict:
+    dev = torch.device(device)
+    device_type, index = dev.type, dev.index
     env = dict(
         torch=torch.__version__,
         python=platform.python_version(),
         threads=torch.get_num_threads(),
         backend_requested=backends.get_backend(),
         dist_stats_backend=backends.resolve(torch.device(device)),
-        effective_rank_op="fastdiag.ops" if hasattr(fastdiag.ops, "effective_rank") else "stand-in",
-        cosine_op="fastdiag.ops" if hasattr(fastdiag.ops, "cosine_stats") else "stand-in",
+        spectral_path=spectral._path(device_type, index),
+        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     )
     env["device"] = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
     return env
@@ -188,7 +192,8 @@ def environment(device: str) -> dict:
 def format_table(rows: list[dict], env: dict) -> str:
     lines = [
         f"device: {env['device']} ({env['threads']} threads), torch {env['torch']}, "
-        f"dist_stats backend: {env['dist_stats_backend']}, effective_rank: {env['effective_rank_op']}",
+        f"dist_stats backend: {env['dist_stats_backend']}, effective_rank path: {env['spectral_path']}, "
+        f"1-min load average at the end: {env['load_average']}",
         "",
         "| class | shape | impl | min ms | median ms | syncs / update | speed-up |",
         "|---|---|---|---:|---:|---:|---:|",

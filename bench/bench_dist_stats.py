@@ -61,7 +61,15 @@ CASES = (
     Case("attention[8,12,512,512]", (8, 12, 512, 512), torch.float32, 1, 5, "attention"),
     Case("attention[2,16,1024,1024]", (2, 16, 1024, 1024), torch.float32, 1, 5, "attention"),
     Case("routing[32,512,64]", (32, 512, 64), torch.float32, None, 1, "routing"),
-    Case("attention[8,16,2048,2048]bf16", (8, 16, 2048, 2048), torch.bfloat16, 1, 5, "attention", ("cuda",)),
+    Case(
+        "attention[8,16,2048,2048]bf16",
+        (8, 16, 2048, 2048),
+        torch.bfloat16,
+        1,
+        5,
+        "attention",
+        ("cuda",),
+    ),
 )
 IMPLS = ("one_read", "copy", "reference", "seed", "torch", "cpu", "triton")
 BASELINES = ("one_read", "copy")
@@ -199,7 +207,9 @@ def peak_extra(fn: Callable[[], object], device: str) -> tuple[int | None, str]:
         return None, "unavailable"
 
 
-def paired_minima(fn: Callable[[], object], base: Callable[[], object], rounds: int) -> tuple[float, float]:
+def paired_minima(
+    fn: Callable[[], object], base: Callable[[], object], rounds: int
+) -> tuple[float, float]:
     """Minimum times of ``fn`` and ``base`` measured alternately over the same rounds."""
     best_fn = best_base = float("inf")
     for _ in range(rounds):
@@ -242,7 +252,9 @@ def test_dist_stats(benchmark, case: Case, impl: str, device: str) -> None:
             info["device_time_s"] = device_time(fn)
         if impl in PAIRED_ROUNDS:
             base = synced(x.sum, device)
-            info["paired_s"], info["paired_one_read_s"] = paired_minima(fn, base, PAIRED_ROUNDS[impl])
+            info["paired_s"], info["paired_one_read_s"] = paired_minima(
+                fn, base, PAIRED_ROUNDS[impl]
+            )
         rounds = ROUNDS.get(impl, FAST_ROUNDS)
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
     finally:

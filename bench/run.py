@@ -41,8 +41,17 @@ def sanitise(name: str) -> str:
 def run_pytest(files: list[str], keyword: str | None) -> tuple[int, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", f"--benchmark-json={out}",
-               "-q", "-p", "no:cacheprovider"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            *files,
+            "--benchmark-only",
+            f"--benchmark-json={out}",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ]
         if keyword:
             cmd += ["-k", keyword]
         rc = subprocess.call(cmd, cwd=ROOT)
@@ -72,33 +81,40 @@ def dist_stats_rows(benches: list[dict]) -> list[dict]:
                 vs_one = info["paired_one_read_s"] / info["paired_s"]
             else:
                 vs_one = t_one / t if t_one else None
-            rows.append({
-                "case": case,
-                "device": device,
-                "impl": impl,
-                "dtype": info["dtype"],
-                "time_s": t,
-                "median_s": b["stats"]["median"],
-                "rounds": b["stats"]["rounds"],
-                "gb_per_s": info["bytes"] / t / 1e9,
-                "vs_one_read": vs_one,
-                "speedup_vs_reference": t_ref / t if t_ref else None,
-                "speedup_vs_seed": t_seed / t if t_seed else None,
-                "peak_extra_bytes": info.get("peak_extra_bytes"),
-                "peak_method": info.get("peak_method"),
-                "threads": info.get("threads"),
-            })
+            rows.append(
+                {
+                    "case": case,
+                    "device": device,
+                    "impl": impl,
+                    "dtype": info["dtype"],
+                    "time_s": t,
+                    "median_s": b["stats"]["median"],
+                    "rounds": b["stats"]["rounds"],
+                    "gb_per_s": info["bytes"] / t / 1e9,
+                    "vs_one_read": vs_one,
+                    "speedup_vs_reference": t_ref / t if t_ref else None,
+                    "speedup_vs_seed": t_seed / t if t_seed else None,
+                    "paired_s": info.get("paired_s"),
+                    "paired_one_read_s": info.get("paired_one_read_s"),
+                    "peak_extra_bytes": info.get("peak_extra_bytes"),
+                    "peak_method": info.get("peak_method"),
+                    "threads": info.get("threads"),
+                }
+            )
     return rows
 
 
 def other_rows(benches: list[dict]) -> list[dict]:
-    return [{
-        "name": b["fullname"],
-        "min_s": b["stats"]["min"],
-        "median_s": b["stats"]["median"],
-        "rounds": b["stats"]["rounds"],
-        "extra_info": b["extra_info"],
-    } for b in benches]
+    return [
+        {
+            "name": b["fullname"],
+            "min_s": b["stats"]["min"],
+            "median_s": b["stats"]["median"],
+            "rounds": b["stats"]["rounds"],
+            "extra_info": b["extra_info"],
+        }
+        for b in benches
+    ]
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -123,7 +139,9 @@ def table(rows: list[dict], others: list[dict]) -> str:
     if others:
         lines += ["", "| benchmark | min (ms) | median (ms) | rounds |", "|---|---:|---:|---:|"]
         for o in others:
-            lines.append(f"| {o['name']} | {o['min_s'] * 1e3:.3f} | {o['median_s'] * 1e3:.3f} | {o['rounds']} |")
+            lines.append(
+                f"| {o['name']} | {o['min_s'] * 1e3:.3f} | {o['median_s'] * 1e3:.3f} | {o['rounds']} |"
+            )
     return "\n".join(lines)
 
 
@@ -155,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{sanitise(str(device))}.json"
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print(f"\n{device} ({info['cpu_count']} CPUs, torch {info['torch']}, {info['torch_threads']} threads)\n")
+    print(
+        f"\n{device} ({info['cpu_count']} CPUs, torch {info['torch']}, {info['torch_threads']} threads)\n"
+    )
     print(table(rows, result["other"]))
     print(f"\nwritten: {path}")
     return rc

@@ -126,18 +126,17 @@ inline vi lanes_below(int64_t rem) {
 }
 
 #if defined(__AVX512F__)
-// Natural log for x >= 0 (log 0 is finite, so 0 log 0 = 0 exactly): x = m 2^e with m rounded
-// to c = 1 + i/32 (i = 0..31, a two-register table lookup), then
-// log x = e ln2 + log c + log1p(r), r = m/c - 1, |r| <= 1/64, log1p(r) ~ r - r^2/2: absolute
-// error <= |r|^3/3 < 1.3e-6, exact 0 at x = 1. Entropies stay within ~1e-6 relative: rows of
-// small entropy have their mass near p = 1 where r ~ 0 (a cubic term would cost 7% of the
-// per-head pass, which is FMA bound). Negative lanes must be clamped by the caller.
+// Natural log for normal positive x: x = m 2^e (vgetexpps / vgetmantps, m in [1, 2)), m / c with
+// c = 1 + i/32 picked by the top 5 mantissa bits (i = 0) or the interval's midpoint (i > 0),
+// a two-register table lookup: log x = e ln2 + log c + log1p(r), |r| <= 1/32, cubic series:
+// absolute error < 2.5e-7 (< 2e-8 but for m in [1, 1 + 1/32)), exact 0 at x = 1.
 struct LogTable {
   alignas(64) float inv_c[32];
   alignas(64) float log_c[32];
   LogTable() {
     for (int i = 0; i < 32; ++i) {
-      inv_c[i] = static_cast<float>(1.0 / (1.0 + i / 32.0));
+      const double c = i == 0 ? 1.0 : 1.0 + (i + 0.5) / 32.0;
+      inv_c[i] = static_cast<float>(1.0 / c);
       log_c[i] = static_cast<float>(-std::log(static_cast<double>(inv_c[i])));
     }
   }
@@ -145,23 +144,24 @@ struct LogTable {
 const LogTable kLogTable;
 
 inline vf vlog(vf x) {
-  const vi bits = (vi)x;
-  const vi rounded = bits + (1 << 17);  // mantissa rounded to 5 bits (may carry into e)
-  const vi e = (rounded >> 23) - 127;
-  const __m512i idx = (__m512i)(rounded >> 18);  // the lookups use the low 5 bits only
-  const vf m = (vf)(bits - (e << 23));             // x / 2^e, in [1 - 1/64, 2 - 1/64)
+  const __m512 xx = (__m512)x;
+  const __m512 e = _mm512_getexp_ps(xx);
+  const vf m = (vf)_mm512_getmant_ps(xx, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+  const __m512i idx = (__m512i)((vi)x >> 18);  // the lookups use the low 5 bits only
   const vf inv_c = (vf)_mm512_permutex2var_ps(_mm512_load_ps(kLogTable.inv_c), idx,
                                                 _mm512_load_ps(kLogTable.inv_c + 16));
   const vf log_c = (vf)_mm512_permutex2var_ps(_mm512_load_ps(kLogTable.log_c), idx,
                                                 _mm512_load_ps(kLogTable.log_c + 16));
   const vf r = m * inv_c - 1.0f;
-  const vf y = (r * -0.5f + 1.0f) * r + log_c;
-  return __builtin_convertvector(e, vf) * 0.693147182f + y;
+  vf q = r * 0.333333343f - 0.5f;
+  q = q * r + 1.0f;
+  const vf y = q * r + log_c;
+  return (vf)e * 0.693147182f + y;
 }
 inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
 #else
-// Natural log for x >= 0 (Cephes-style: x = m 2^e, m in [sqrt(1/2), sqrt(2)), degree-8
-// polynomial in m - 1; log 0 = -127 ln 2, finite); negative lanes must be clamped by the caller.
+// Natural log for normal positive x (Cephes-style: x = m 2^e, m in [sqrt(1/2), sqrt(2)),
+// degree-8 polynomial in m - 1).
 inline vf vlog(vf x) {
   const vi bits = (vi)x;
   const vi shifted = bits - 0x3f3504f3;  // sqrt(1/2)
@@ -184,12 +184,10 @@ inline vf vlog(vf x) {
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 #endif
 
-// x log x with x clamped to >= 0: vlog(0) is finite (-127 ln 2), so 0 log 0 = 0 exactly and
-// non-positive entries contribute 0.
-inline vf vxlogx(vf x) {
-  x = vmax(x, splat(0.f));
-  return x * vlog(x);
-}
+// x log x with 0 for non-positive x: the log's argument is clamped to the smallest normal
+// float, its multiplier to 0, so 0 log 0 = 0 exactly (also with denormals flushed). Subnormal
+// entries contribute their true sign and size, up to a relative error of the log.
+inline vf vxlogx(vf x) { return vmax(x, splat(0.f)) * vlog(vmax(x, splat(1.17549435e-38f))); }
 
 // exp(t) for t <= 0 (t = -inf gives 0), about 1 ulp, subnormal results rounded once.
 inline vf vexp_nonpos(vf t) {
@@ -345,7 +343,7 @@ HeadVals head_pass(const float* q, int64_t n, float d, float* buf, bool first, f
     vf v = load_partial(q + j, rem);
     if (DIV) v = v / dv;
     const vi live = lanes_below(rem);
-    xlx += vxlogx(v);  // padding: 0 -> ~1e-36 each, below resolution
+    xlx += vxlogx(v);  // padding lanes are 0: they add exactly 0
     sq += v * v;
     cnt = (v > tau) & live ? cnt + 1 : cnt;
     mx = (v > mx) & live ? v : mx;
@@ -455,6 +453,7 @@ float range_sum(const float* p, int64_t lo, int64_t hi) {
 // The k-th largest of the 16 lane maxima: the lanes partition the row, so at least k entries
 // are >= it, and no entry below it can be in the top k.
 float topk_floor(vf lane_max, int64_t k) {
+  if (k == 1) return hmax(lane_max);
   float t = INFINITY;
 #if defined(__AVX512F__)
   const __m512 v = (__m512)lane_max;
@@ -664,18 +663,19 @@ void process_row(const Problem& P, const typename T::raw* x, const RowPos& at, S
   for (int64_t i = 0; i < G * kNumHeadSlots; ++i) hpart[i] += hv[i];
 }
 
-// Rows per block: about 64k input elements, at most 4096 blocks; a function of the shape only.
-int64_t rows_per_block(int64_t R, int64_t row_elems) {
+// Rows per block: about 64k input elements, at most max_blocks blocks so the float64 partials
+// (width doubles per block) stay within ~8 MB; a function of the shape only.
+int64_t rows_per_block(int64_t R, int64_t row_elems, int64_t width) {
+  const int64_t max_blocks = std::clamp<int64_t>((int64_t{1} << 20) / width, 16, 4096);
   int64_t rpb = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, row_elems));
-  rpb = std::max(rpb, (R + 4095) / 4096);
-  return rpb;
+  return std::max(rpb, (R + max_blocks - 1) / max_blocks);
 }
 
 template <typename T>
 void run(const Problem& P, const typename T::raw* x, double* sums, double* head_sums) {
   const int64_t R = P.A * P.C;
   const int64_t width = kNumSlots + P.G * kNumHeadSlots;
-  const int64_t rpb = rows_per_block(R, P.G * P.N);
+  const int64_t rpb = rows_per_block(R, P.G * P.N, width);
   const int64_t nblocks = (R + rpb - 1) / rpb;
   std::vector<double> parts(static_cast<size_t>(nblocks * width), 0.0);
   // Threads take blocks from a shared counter (a busy core slows the run down by its share

@@ -88,10 +88,12 @@ FD_HD bool needs_rotation(double a, double b, double c) {
   // |c| > tol sqrt(a b); squared, no sqrt (a, b <= ~1e80 for float32-range data: no overflow)
   return c * c > (kJacobiTol * kJacobiTol) * (a * b);
 }
+// tan(theta) without forming zeta = (b - a) / (2c): t = 2c / (d + sign(d) sqrt(d^2 + 4c^2)),
+// d = b - a (d = 0 gives |t| = 1). No overflow for a, b <= ~1e150.
 FD_HD double jacobi_tangent(double a, double b, double c) {
-  const double zeta = (b - a) / (2.0 * c);
-  if (fabs(zeta) > 1e150) return 0.5 / zeta;  // sqrt(1 + zeta^2) would overflow; t ~ 1/(2 zeta)
-  return (zeta >= 0.0 ? 1.0 : -1.0) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
+  const double d = b - a;
+  const double h = sqrt(d * d + 4.0 * c * c);
+  return 2.0 * c / (d + (d >= 0.0 ? h : -h));
 }
 
 struct PairPlan {
@@ -99,30 +101,37 @@ struct PairPlan {
   bool large;          // |cos| > kStopTol: the sweep has not converged yet
   double alpha, beta;  // element update coefficients (see above)
   double sp, sq;       // new scales of rows p, q
+  double ip, iq;       // their inverses (tracked, so a plan costs two divisions)
   double a, b;         // new tracked squared norms of rows p, q
 };
-// Pure function of the pair's state (scales sp, sq, tracked squared norms a, b) and the dot
-// product of the stored rows, so the lanes of a GPU warp can all evaluate it. Shared by the
-// CPU and GPU drivers.
-FD_HD PairPlan plan_pair(double stored_dot, double sp, double sq, double a, double b) {
+// Pure function of the pair's state (scales sp, sq and inverses ip, iq, tracked squared norms
+// a, b) and the dot product of the stored rows, so the lanes of a GPU warp can all evaluate it.
+// Shared by the CPU and GPU drivers.
+FD_HD PairPlan plan_pair(double stored_dot, double sp, double sq, double ip, double iq, double a,
+                         double b) {
   PairPlan plan;
   plan.rotate = false;
   plan.large = false;
   plan.alpha = plan.beta = 0.0;
   plan.sp = sp;
   plan.sq = sq;
+  plan.ip = ip;
+  plan.iq = iq;
   plan.a = a;
   plan.b = b;
   const double c = sp * sq * stored_dot;
   if (!needs_rotation(a, b, c)) return plan;
   const double t = jacobi_tangent(a, b, c);
-  const double cs = 1.0 / sqrt(1.0 + t * t);
+  const double inv_cs = sqrt(1.0 + t * t);
+  const double cs = 1.0 / inv_cs;
   plan.rotate = true;
   plan.large = c * c > (kStopTol * kStopTol) * (a * b);
-  plan.alpha = t * (sq / sp);
-  plan.beta = t * (sp / sq);
+  plan.alpha = t * sq * ip;
+  plan.beta = t * sp * iq;
   plan.sp = cs * sp;
   plan.sq = cs * sq;
+  plan.ip = inv_cs * ip;
+  plan.iq = inv_cs * iq;
   const double ap = a - t * c;
   plan.a = ap > 0.0 ? ap : 0.0;
   plan.b = b + t * c;
@@ -251,57 +260,75 @@ FD_HD int pivoted_cholesky(double* A, int n, int lda, double cut) {
 
 // Folds the scales into the rows and recomputes their squared norms exactly (sweep start).
 template <typename Ops>
-FD_HD void jacobi_refresh(double* A, int k, int n, int lda, double* s, double* a2) {
+FD_HD void jacobi_refresh(double* A, int k, int n, int lda, double* s, double* is, double* a2) {
   for (int i = 0; i < k; ++i) {
     double* ri = A + (int64_t)i * lda;
     if (s[i] != 1.0) Ops::scale(ri, n, s[i]);
-    s[i] = 1.0;
+    s[i] = is[i] = 1.0;
     a2[i] = Ops::dot(ri, ri, n);
   }
 }
 
 // One-sided cyclic Jacobi on rows 0..k-1 (length n, leading dimension lda) of A, one thread.
-// Each round runs in three phases, as on the GPU: the dot products of its (disjoint) pairs, the
-// rotation plans, the row updates; since the pairs are disjoint this equals visiting them one
-// by one, but the independent scalar chains overlap. s, a2: k doubles each; dots: k / 2 + 1.
+// The pairs of a round are disjoint, so the order within a round does not matter (the GPU runs
+// them in parallel); here it is software-pipelined: while pair s is rotated, pair s + 1 is
+// planned and pair s + 2's dot product is loaded, so the plans' division chains overlap the
+// row updates. s, is, a2: k doubles each (scales, inverse scales, squared norms).
 // On return the rows are unscaled and a2 holds their exact squared norms (the eigenvalues of
 // G). Convergence: a sweep in which no pair was further from orthogonal than kStopTol ends the
 // iteration (its rotations, all < kStopTol, leave pairs at ~kStopTol^2 by the quadratic
 // convergence of cyclic Jacobi, far below kJacobiTol). Returns the sweeps run (<= kMaxSweeps),
 // 0 when k < 2.
 template <typename Ops>
-FD_HD int jacobi_rows(double* A, int k, int n, int lda, double* s, double* a2, double* dots) {
+FD_HD int jacobi_rows(double* A, int k, int n, int lda, double* s, double* is, double* a2) {
   for (int i = 0; i < k; ++i) s[i] = 1.0;
-  jacobi_refresh<Ops>(A, k, n, lda, s, a2);
+  jacobi_refresh<Ops>(A, k, n, lda, s, is, a2);
   if (k < 2) return 0;
-  const int ne = k + (k & 1);
+  const int ne = k + (k & 1), half = ne / 2;
   int sweep = 0;
   bool clean = false;
   while (!clean && sweep < kMaxSweeps) {
-    if (sweep++ > 0) jacobi_refresh<Ops>(A, k, n, lda, s, a2);
+    if (sweep++ > 0) jacobi_refresh<Ops>(A, k, n, lda, s, is, a2);
     clean = true;
     for (int round = 0; round < ne - 1; ++round) {
-      for (int slot = 0; slot < ne / 2; ++slot) {
-        int p, q;
-        round_robin_pair(round, slot, ne, &p, &q);
-        dots[slot] = q < k ? Ops::dot(A + (int64_t)p * lda, A + (int64_t)q * lda, n) : 0.0;
-      }
-      for (int slot = 0; slot < ne / 2; ++slot) {
-        int p, q;
-        round_robin_pair(round, slot, ne, &p, &q);
-        if (q >= k) continue;
-        const PairPlan plan = plan_pair(dots[slot], s[p], s[q], a2[p], a2[q]);
-        if (!plan.rotate) continue;
-        s[p] = plan.sp;
-        s[q] = plan.sq;
-        a2[p] = plan.a;
-        a2[q] = plan.b;
-        Ops::update(A + (int64_t)p * lda, A + (int64_t)q * lda, n, plan.alpha, plan.beta);
-        if (plan.large) clean = false;
+      int pp[3], qq[3];      // ring of the pairs of slots s, s + 1, s + 2
+      double dd[3];          // their dot products
+      PairPlan plans[2];     // plans of slots s, s + 1
+      auto fetch = [&](int slot) {  // pair and dot product of a slot (q >= k: dummy pair)
+        const int r = slot % 3;
+        round_robin_pair(round, slot, ne, &pp[r], &qq[r]);
+        dd[r] = qq[r] < k ? Ops::dot(A + (int64_t)pp[r] * lda, A + (int64_t)qq[r] * lda, n) : 0.0;
+      };
+      auto plan = [&](int slot) {  // plan a slot and commit its scales and norms
+        const int r = slot % 3, p = pp[r], q = qq[r];
+        PairPlan& pl = plans[slot & 1];
+        pl.rotate = false;
+        if (q >= k) return;
+        pl = plan_pair(dd[r], s[p], s[q], is[p], is[q], a2[p], a2[q]);
+        if (!pl.rotate) return;
+        s[p] = pl.sp;
+        s[q] = pl.sq;
+        is[p] = pl.ip;
+        is[q] = pl.iq;
+        a2[p] = pl.a;
+        a2[q] = pl.b;
+        if (pl.large) clean = false;
+      };
+      fetch(0);
+      if (half > 1) fetch(1);
+      plan(0);
+      for (int slot = 0; slot < half; ++slot) {
+        if (slot + 2 < half) fetch(slot + 2);
+        if (slot + 1 < half) plan(slot + 1);
+        const PairPlan& pl = plans[slot & 1];
+        if (pl.rotate) {
+          const int r = slot % 3;
+          Ops::update(A + (int64_t)pp[r] * lda, A + (int64_t)qq[r] * lda, n, pl.alpha, pl.beta);
+        }
       }
     }
   }
-  jacobi_refresh<Ops>(A, k, n, lda, s, a2);  // unscale; exact norms of the final rows
+  jacobi_refresh<Ops>(A, k, n, lda, s, is, a2);  // unscale; exact norms of the final rows
   return sweep;
 }
 

@@ -37,6 +37,7 @@ __device__ __forceinline__ double warp_sum(double v) {
 // Shared scratch besides the working matrix (sizes in doubles, n <= kMaxDim).
 struct Scratch {
   double* s;      // n   Jacobi row scales
+  double* is;     // n   their inverses
   double* a2;     // n   tracked squared row norms, then eigenvalues
   double* sigma;  // n   singular values (unsorted)
   double* red;    // kThreads * 5  reduction slots
@@ -45,7 +46,7 @@ struct Scratch {
 };
 
 __host__ __device__ inline size_t scratch_bytes(int n) {
-  return (size_t)(3 * n + 5 * kThreads) * sizeof(double) + kThreads * sizeof(int) +
+  return (size_t)(4 * n + 5 * kThreads) * sizeof(double) + kThreads * sizeof(int) +
          kThreads * sizeof(long long);
 }
 
@@ -63,7 +64,8 @@ __global__ void __launch_bounds__(kThreads)
   char* base = reinterpret_cast<char*>(smem) + (use_shared ? (size_t)n * n * sizeof(double) : 0);
   Scratch sc;
   sc.s = reinterpret_cast<double*>(base);
-  sc.a2 = sc.s + n;
+  sc.is = sc.s + n;
+  sc.a2 = sc.is + n;
   sc.sigma = sc.a2 + n;
   sc.red = sc.sigma + n;
   sc.ired = reinterpret_cast<int*>(sc.red + 5 * kThreads);
@@ -195,6 +197,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();
       if (lane == 0) {
         sc.s[i] = 1.0;
+        sc.is[i] = 1.0;
         sc.a2[i] = nrm;
       }
     }
@@ -218,12 +221,15 @@ __global__ void __launch_bounds__(kThreads)
           double* rp = A + (int64_t)p * n;
           double* rq = A + (int64_t)q * n;
           const double d = warp_sum(sp::dot_strided(rp, rq, lane, n, 32));
-          const sp::PairPlan plan = sp::plan_pair(d, sc.s[p], sc.s[q], sc.a2[p], sc.a2[q]);
+          const sp::PairPlan plan =
+              sp::plan_pair(d, sc.s[p], sc.s[q], sc.is[p], sc.is[q], sc.a2[p], sc.a2[q]);
           __syncwarp();
           if (!plan.rotate) continue;
           if (lane == 0) {
             sc.s[p] = plan.sp;
             sc.s[q] = plan.sq;
+            sc.is[p] = plan.ip;
+            sc.is[q] = plan.iq;
             sc.a2[p] = plan.a;
             sc.a2[q] = plan.b;
           }

@@ -107,8 +107,10 @@ class ConceptReport:
                 target = f"{CHECKS[name]} {self.thresholds[name]:.4g}"
                 status = "PASS" if self.checks[name] else "FAIL"
             lines.append(f"{name:<30} {text}  {target:<12} {status}".rstrip())
-        verdict = "all checks passed" if self.passed else "FAILED: " + ", ".join(
-            k for k, ok in self.checks.items() if not ok
+        verdict = (
+            "all checks passed"
+            if self.passed
+            else "FAILED: " + ", ".join(k for k, ok in self.checks.items() if not ok)
         )
         lines.append(verdict)
         return "\n".join(lines)

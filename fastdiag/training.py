@@ -443,6 +443,12 @@ def _tensors(tree: Any) -> list[Tensor]:
     return []
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed forward being recomputed)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 def _disable(fn: Callable) -> Callable:
     """Run ``fn`` eagerly under torch.compile (a graph break at each hooked module)."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
@@ -611,7 +617,8 @@ class Watch:
             return None
         need, average = request
         out, weights = output
-        if weights is not None:
+        # a recomputation under activation checkpointing was already recorded by the forward
+        if weights is not None and not _in_backward():
             if module.training and module.dropout > 0:
                 self._warn_once(name, "dropout", (
                     f"fastdiag.watch: {name} applies attention dropout ({module.dropout}) in training; "
@@ -633,7 +640,7 @@ class Watch:
         return out, weights
 
     def _hf_post(self, module: nn.Module, name: str, output: Any) -> None:
-        if not (self._live and self.active):
+        if not (self._live and self.active) or _in_backward():
             return
         self._captured += 1
         weights = _find_weights(output)
@@ -649,7 +656,7 @@ class Watch:
     def _registered_post(
         self, module: nn.Module, name: str, extract: ExtractFn, from_logits: bool, args: tuple, output: Any
     ) -> None:
-        if not (self._live and self.active):
+        if not (self._live and self.active) or _in_backward():
             return
         self._captured += 1
         weights = extract(module, args, output)
@@ -657,7 +664,7 @@ class Watch:
             self.diagnostics.update_attention(name, weights, from_logits=from_logits)
 
     def _probe_post(self, key: str, fn: ProbeFn, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._live and self.active:
+        if self._live and self.active and not _in_backward():
             with torch.no_grad():
                 value = fn(module, args, output)
                 if value is not None:

@@ -248,3 +248,20 @@ def test_cuda_no_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_matches(CosineStats(*(t.cpu() for t in out)), x.cpu())
+
+
+@pytest.mark.parametrize("use_backend", ["torch", "triton"])
+def test_no_host_transfer(backend, monkeypatch, use_backend):
+    if use_backend == "triton" and not triton_runs_here():
+        pytest.skip("needs triton with a GPU or TRITON_INTERPRET=1")
+    backend(use_backend)
+    x = randn(2, 20, 8)
+    cosine_stats(x)  # warm-up
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host transfer in cosine_stats")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    cosine_stats(x)
+    cosine_stats(x, sample=5, generator=torch.Generator().manual_seed(0))

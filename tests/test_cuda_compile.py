@@ -36,10 +36,22 @@ def builds(tmp_path_factory):
     procs: dict[str, subprocess.Popen] = {}
     for arch in ARCHS:
         procs[f"sm_{arch}"] = subprocess.Popen(
-            [NVCC, "-c", "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-             "--Werror", "all-warnings", f"-I{CSRC}", str(CSRC / "spectral_cuda.cu"),
-             "-o", str(out / f"spectral_sm{arch}.o")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                NVCC,
+                "-c",
+                "-std=c++17",
+                "-O3",
+                f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                "--Werror",
+                "all-warnings",
+                f"-I{CSRC}",
+                str(CSRC / "spectral_cuda.cu"),
+                "-o",
+                str(out / f"spectral_sm{arch}.o"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
     cuda_inc = _cuda_include()
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
@@ -47,10 +59,21 @@ def builds(tmp_path_factory):
         from torch.utils.cpp_extension import include_paths
 
         procs["glue"] = subprocess.Popen(
-            [cxx, "-fsyntax-only", "-std=c++20", "-DFASTDIAG_WITH_CUDA", "-Wall", "-Werror",
-             *[f"-isystem{p}" for p in include_paths()], f"-isystem{cuda_inc}", f"-I{CSRC}",
-             str(CSRC / "spectral_cuda_glue.cpp")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                cxx,
+                "-fsyntax-only",
+                "-std=c++20",
+                "-DFASTDIAG_WITH_CUDA",
+                "-Wall",
+                "-Werror",
+                *[f"-isystem{p}" for p in include_paths()],
+                f"-isystem{cuda_inc}",
+                f"-I{CSRC}",
+                str(CSRC / "spectral_cuda_glue.cpp"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
     results = {}
     for name, proc in procs.items():

@@ -33,15 +33,28 @@ def op():
     return torch.ops.fastdiag.dist_stats_cpu.default
 
 
-def args(x4, mask=None, logits=False, k=0, tau=0.1, eps=1e-6, window=-1, qoff=0, qlen=None, rows=True):
-    return (x4, mask, logits, k, tau, eps, window, qoff, x4.shape[2] if qlen is None else qlen, rows)
+def args(
+    x4, mask=None, logits=False, k=0, tau=0.1, eps=1e-6, window=-1, qoff=0, qlen=None, rows=True
+):
+    return (
+        x4,
+        mask,
+        logits,
+        k,
+        tau,
+        eps,
+        window,
+        qoff,
+        x4.shape[2] if qlen is None else qlen,
+        rows,
+    )
 
 
 def compare(op, a, exact_counts=True):
     """Runs both ops on the argument tuple ``a`` and asserts that they agree."""
     want = dist_stats_torch(*a)
     got = op(*a)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and g.shape == w.shape
     sums, head, rows, top = got
     wsums, whead, wrows, wtop = want
@@ -52,8 +65,10 @@ def compare(op, a, exact_counts=True):
         assert torch.equal(sums[COUNT_SLOTS], wsums[COUNT_SLOTS])
         assert torch.equal(head[:, HeadSlot.GT_TAU], whead[:, HeadSlot.GT_TAU])
     else:  # logits: p differs from torch's by an ulp, an entry sitting on tau may flip
-        assert torch.equal(sums[[Slot.COUNT, Slot.NONFINITE, Slot.MASKED]],
-                           wsums[[Slot.COUNT, Slot.NONFINITE, Slot.MASKED]])
+        assert torch.equal(
+            sums[[Slot.COUNT, Slot.NONFINITE, Slot.MASKED]],
+            wsums[[Slot.COUNT, Slot.NONFINITE, Slot.MASKED]],
+        )
     torch.testing.assert_close(rows, wrows, rtol=RTOL, atol=ATOL, equal_nan=True)
     assert torch.equal(rows.isnan(), wrows.isnan())
     assert torch.equal(top, wtop)
@@ -76,8 +91,11 @@ def test_random_softmax_rows(op, n, g):
     x4 = softmax(2, g, 24 if n < 5000 else 6, n, seed=n)
     k = min(n, 5)
     compare(op, args(x4, k=k, window=2))
-    compare(op, args(logits(2, g, 24 if n < 5000 else 6, n, seed=n), logits=True, k=k, window=2),
-            exact_counts=False)
+    compare(
+        op,
+        args(logits(2, g, 24 if n < 5000 else 6, n, seed=n), logits=True, k=k, window=2),
+        exact_counts=False,
+    )
 
 
 def test_zeros_one_hot_and_ties(op):
@@ -112,28 +130,40 @@ def test_every_topk(op, k):
 
 
 def test_non_contiguous_strides(op):
-    x4 = softmax(3, 20, 4, 33, seed=2).permute(0, 2, 1, 3)  # [A, G, C, N]: G stride 33, C stride 132
+    x4 = softmax(3, 20, 4, 33, seed=2).permute(
+        0, 2, 1, 3
+    )  # [A, G, C, N]: G stride 33, C stride 132
     assert not x4.is_contiguous()
     compare(op, args(x4, k=4, window=5))
-    xt = softmax(3, 4, 33, 20, seed=2).transpose(-1, -2)  # last-axis stride 20 (rows not normalised)
+    xt = softmax(3, 4, 33, 20, seed=2).transpose(
+        -1, -2
+    )  # last-axis stride 20 (rows not normalised)
     compare(op, args(xt, k=4, window=5))
     sliced = softmax(2, 3, 10, 64, seed=3)[:, :, 1::2, ::2]  # every stride unusual
     compare(op, args(sliced, k=3))
     expanded = softmax(1, 1, 1, 50, seed=4).expand(2, 3, 5, 50)  # zero strides
     compare(op, args(expanded, k=5))
-    compare(op, args(logits(2, 3, 10, 64, seed=5)[:, :, 1::2, ::2], logits=True, k=3), exact_counts=False)
+    compare(
+        op,
+        args(logits(2, 3, 10, 64, seed=5)[:, :, 1::2, ::2], logits=True, k=3),
+        exact_counts=False,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(op, dtype):
     for n in (5, 37, 300):  # vector body and tail of the conversion loops
         compare(op, args(softmax(2, 3, 7, n, seed=n).to(dtype), k=5, window=1))
-        compare(op, args(logits(2, 3, 7, n, seed=n).to(dtype), logits=True, k=5), exact_counts=False)
+        compare(
+            op, args(logits(2, 3, 7, n, seed=n).to(dtype), logits=True, k=5), exact_counts=False
+        )
         compare(op, args(softmax(2, 3, 14, 2 * n, seed=n).to(dtype)[..., ::2], k=5))
 
 
 def test_half_specials_convert_exactly(op):
-    vals = torch.tensor([0.0, -0.0, 6e-8, 1e-5, 0.5, 65504.0, 2.0**-14, 1.0 - 2.0**-11], dtype=torch.float16)
+    vals = torch.tensor(
+        [0.0, -0.0, 6e-8, 1e-5, 0.5, 65504.0, 2.0**-14, 1.0 - 2.0**-11], dtype=torch.float16
+    )
     x = vals.repeat(3, 4).view(1, 1, 3, 32)
     compare(op, args(x, k=8))  # includes fp16 subnormals (6e-8)
     bad = x.clone()
@@ -177,8 +207,19 @@ def test_reduce_over_heads(op, g):
     compare(op, args(softmax(2, g, 9, 70, seed=g), k=5, window=3))
 
 
-@pytest.mark.parametrize("window, qoff, qlen", [(0, 0, None), (3, 0, None), (2, 5, None), (1, -3, None),
-                                                (100, 0, 4), (2, 7, 1), (0, 2**40, None), (2**62, -2**62, None)])
+@pytest.mark.parametrize(
+    "window, qoff, qlen",
+    [
+        (0, 0, None),
+        (3, 0, None),
+        (2, 5, None),
+        (1, -3, None),
+        (100, 0, 4),
+        (2, 7, 1),
+        (0, 2**40, None),
+        (2**62, -(2**62), None),
+    ],
+)
 def test_window_and_query_offset(op, window, qoff, qlen):
     compare(op, args(softmax(2, 2, 12, 30, seed=8), k=2, window=window, qoff=qoff, qlen=qlen))
     compare(op, args(softmax(2, 2, 12, 30, seed=8), window=-1, qoff=qoff, qlen=qlen, rows=False))
@@ -216,7 +257,7 @@ def test_deterministic_across_thread_counts(op):
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
-        for u, v in zip(results[0], other):
+        for u, v in zip(results[0], other, strict=True):
             assert torch.equal(u, v)
 
 

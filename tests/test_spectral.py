@@ -329,7 +329,9 @@ def test_torch_compile_fullgraph(op):
     want = spectral_stats(x)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
-    erank = torch.compile(lambda t: effective_rank(t).mean(), fullgraph=True, backend="aot_eager")(x)
+    erank = torch.compile(lambda t: effective_rank(t).mean(), fullgraph=True, backend="aot_eager")(
+        x
+    )
     torch.testing.assert_close(erank, want.effective_rank.mean())
 
 
@@ -373,3 +375,18 @@ def test_cuda_torch_fallback_without_sync():
     finally:
         fastdiag.set_backend("auto")
     check(tuple(t.cpu() for t in out), x.cpu())
+
+
+@pytest.mark.parametrize("use_backend", ["auto", "torch"])
+def test_no_host_transfer(backend, monkeypatch, use_backend):
+    backend(use_backend)
+    x = gaussian(3, 10, 20)
+    spectral_stats(x)  # warm-up (extension load)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host transfer in spectral_stats")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    spectral_stats(x)
+    effective_rank(x.transpose(-1, -2))

@@ -15,6 +15,7 @@ from torch import nn
 
 import fastdiag
 from fastdiag.training import TrainingDiagnostics, probe, register_attention, watch
+from tests.conftest import available_backends
 
 D, HEADS, SEQ, BATCH = 16, 4, 6, 3
 
@@ -725,3 +726,48 @@ def test_watch_after_the_first_compiled_call_says_so(fresh_dynamo):
         with pytest.warns(UserWarning, match="before the first call of the compiled model"):
             compiled(x)
         assert handle.get_epoch_stats() == {}
+
+
+@pytest.mark.parametrize("name", available_backends("cpu"))
+def test_every_backend_gives_the_same_training_stats(backend, name):
+    model = encoder()
+    x = torch.randn(BATCH, SEQ, D)
+    results = []
+    for use in ("torch", name):
+        backend(use)
+        with watch(model, gradients=False) as handle:
+            model(x)
+            results.append(handle.get_epoch_stats())
+    assert results[0].keys() == results[1].keys()
+    for k, v in results[0].items():
+        assert results[1][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+class Checkpointed(nn.Module):
+    """An encoder whose layers are recomputed in backward (activation checkpointing)."""
+
+    def __init__(self, base: nn.TransformerEncoder) -> None:
+        super().__init__()
+        self.layers = base.layers
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+        return x
+
+
+def test_activation_checkpointing_records_each_forward_once():
+    plain = encoder()
+    ckpt = Checkpointed(copy.deepcopy(plain))
+    x = torch.randn(BATCH, SEQ, D)
+    results = []
+    for model in (plain, ckpt):
+        with watch(model) as handle:
+            for _ in range(2):
+                model(x).square().mean().backward()
+            results.append(handle.get_epoch_stats())
+            acc = handle.diagnostics.accumulator
+            assert acc.state[acc.names.index("attention_entropy/layers.0.self_attn"), 1] == 2
+    assert results[0].keys() == results[1].keys()
+    for k, v in results[0].items():
+        assert results[1][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k

@@ -73,7 +73,9 @@ def _check(x: Tensor, sample: int | None) -> None:
         )
     if x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(f"x needs at least one row and one column, got shape {shape}")
-    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 2):
+    if sample is not None and (
+        isinstance(sample, bool) or not isinstance(sample, int) or sample < 2
+    ):
         raise ValueError(f"sample must be an int >= 2 (rows to draw) or None, got {sample!r}")
 
 
@@ -92,12 +94,10 @@ def _cosine_exact(x: Tensor) -> CosineStats:
     nan = torch.isnan(mean)
     best = torch.where(nan, float("nan"), best.to(torch.float64))
     best_abs = torch.where(nan, float("nan"), best_abs.to(torch.float64))
-    return CosineStats(
-        mean.to(torch.float32), best.to(torch.float32), best_abs.to(torch.float32)
-    )
+    return CosineStats(mean.to(torch.float32), best.to(torch.float32), best_abs.to(torch.float32))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels():
     from fastdiag.kernels import cosine
 

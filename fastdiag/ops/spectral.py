@@ -92,10 +92,14 @@ def spectral_raw(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def _check(x: Tensor) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape [..., rows, cols], got {type(x).__name__}")
+        raise TypeError(
+            f"x must be a torch.Tensor of shape [..., rows, cols], got {type(x).__name__}"
+        )
     shape = tuple(x.shape)
     if x.dim() < 2:
-        raise ValueError(f"x must have shape [..., rows, cols] (at least 2 dims), got shape {shape}")
+        raise ValueError(
+            f"x must have shape [..., rows, cols] (at least 2 dims), got shape {shape}"
+        )
     if not x.dtype.is_floating_point:
         raise ValueError(
             f"x must be float32, float16, bfloat16 or float64, got {x.dtype} with shape {shape}"
@@ -131,7 +135,7 @@ def _fake(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loaded_op():
     """``torch.ops.fastdiag.spectral_stats`` with its fake registered, or None without the
     extension."""
@@ -143,7 +147,7 @@ def _loaded_op():
     return torch.ops.fastdiag.spectral_stats.default
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_kernel(key: str) -> bool:
     return _loaded_op() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "fastdiag::spectral_stats", key

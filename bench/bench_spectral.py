@@ -1,0 +1,114 @@
+"""``fastdiag.ops.spectral_stats`` against what users write: singular values per matrix.
+
+    pytest bench/bench_spectral.py --benchmark-only      # pytest-benchmark rows
+    python bench/bench_spectral.py [--rounds 7]          # interleaved timing + speed-up table
+
+Implementations per case (``impl``):
+
+* ``fastdiag`` - ``spectral_stats(x)``: all five statistics of every matrix (the C++ / CUDA
+  extension: Gram matrix, pivoted Cholesky, one-sided Jacobi; no host synchronisation).
+* ``loop``     - a Python loop of ``torch.linalg.svdvals`` over the matrices (what users do),
+  values stacked, no statistics computed (in the loop's favour).
+* ``batched``  - one batched ``torch.linalg.svdvals(x)`` call.
+
+Cases: x [64, 128, 512] and [256, 64, 256], float32, on the CPU (all torch threads) and, when
+present, on the GPU. Timing: wall time, minimum over rounds; on CUDA every call ends with a
+synchronize. The script mode times the three implementations interleaved round by round, so a
+load change on the machine hits all of them alike, and prints the speed-ups of ``fastdiag``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from fastdiag.ops.spectral import spectral_stats
+
+CASES = [(64, 128, 512), (256, 64, 256)]
+
+
+def devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def make_input(shape: tuple[int, ...], device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(*shape, generator=g).to(device)
+
+
+def impls(x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+    def fastdiag_call():
+        out = spectral_stats(x)
+        sync()
+        return out
+
+    def loop_call():
+        out = torch.stack([torch.linalg.svdvals(m) for m in x])
+        sync()
+        return out
+
+    def batched_call():
+        out = torch.linalg.svdvals(x)
+        sync()
+        return out
+
+    return {"fastdiag": fastdiag_call, "loop": loop_call, "batched": batched_call}
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", CASES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["fastdiag", "loop", "batched"])
+def test_spectral(benchmark, impl, shape, device):
+    x = make_input(shape, device)
+    fn = impls(x)[impl]
+    fn()  # warm-up: extension load / CUDA context
+    benchmark.extra_info.update(
+        {"case": "x".join(map(str, shape)), "impl": impl, "device": device, "dtype": "float32"}
+    )
+    benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=0)
+
+
+def measure(rounds: int) -> list[dict[str, object]]:
+    rows = []
+    for device in devices():
+        for shape in CASES:
+            x = make_input(shape, device)
+            fns = impls(x)
+            for fn in fns.values():
+                fn()
+            best = {name: float("inf") for name in fns}
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - t0)
+            rows.append({"device": device, "shape": shape, **best})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print("| device | x | fastdiag | loop of svdvals | batched svdvals | vs loop | vs batched |")
+    print("|---|---|---|---|---|---|---|")
+    for row in measure(args.rounds):
+        f, lo, ba = row["fastdiag"], row["loop"], row["batched"]
+        shape = "[" + ", ".join(map(str, row["shape"])) + "]"
+        print(
+            f"| {row['device']} | {shape} | {f * 1e3:.1f} ms | {lo * 1e3:.1f} ms | "
+            f"{ba * 1e3:.1f} ms | {lo / f:.2f}x | {ba / f:.2f}x |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
