@@ -2,9 +2,37 @@
 
 Every op keeps its results on the input's device and picks its backend through
 ``fastdiag.backends``.
+
+* ``dist_stats``      every row statistic of a distribution tensor in one read
+* ``spectral_stats``  effective rank, stable rank, condition number ... of [..., rows, cols]
+* ``cosine_stats``    mean / max / max-abs off-diagonal cosine of the rows of [..., M, D]
+* ``usage_stats``     set / expert usage balance from index tensors (device bincount)
+* ``jaccard``         top-k and active-set stability on device bitmaps
+* ``norms``           fused multi-tensor gradient / parameter norms
 """
 
 from fastdiag.ops import _dist_stats_dispatch  # noqa: F401  (registers the fastdiag:: custom ops)
+from fastdiag.ops import jaccard, norms
 from fastdiag.ops._dist_stats import DistStats, HeadSlot, RowSlot, Slot, dist_stats, mean, std
+from fastdiag.ops.cosine import CosineStats, cosine_stats
+from fastdiag.ops.spectral import SpectralStats, effective_rank, spectral_stats
+from fastdiag.ops.usage import UsageStats, usage_stats
 
-__all__ = ["DistStats", "HeadSlot", "RowSlot", "Slot", "dist_stats", "mean", "std"]
+__all__ = [
+    "CosineStats",
+    "DistStats",
+    "HeadSlot",
+    "RowSlot",
+    "Slot",
+    "SpectralStats",
+    "UsageStats",
+    "cosine_stats",
+    "dist_stats",
+    "effective_rank",
+    "jaccard",
+    "mean",
+    "norms",
+    "spectral_stats",
+    "std",
+    "usage_stats",
+]
