@@ -36,7 +36,8 @@ from fastdiag.ops._dist_stats import MAX_TOPK, HeadSlot, RowSlot, Slot
 #   give each thread ~32 entries per tile (see _config): one warp per 1024 entries of a row,
 #   rows shorter than a warp's span stacked (BLOCK_R rows, 4 warps, <= 4 rows per thread).
 # * The next head's tile is loaded while the current one is reduced (two tiles in flight per
-#   program); at ~140-190 registers per thread that leaves 4-6 programs resident per SM.
+#   program). The bf16 [*, 16, 2048, 2048] benchmark shape: 2 warps per row, ~160 registers per
+#   thread, 6 programs (12 warps, 12 tiles of 4 KiB in flight) per SM.
 # * TILE_N_MAX = 8192: longer rows would need > 32 entries per thread at 8 warps; beyond, rows
 #   stream in LOOP_BLOCK_N = 4096 column blocks (logits then read each row twice).
 # * Per-head statistics go to a [G, num_blocks_n, 4, R] float32 scratch (16 bytes per head row,
@@ -605,9 +606,10 @@ def _dist_stats_impl(
     # Scratch. Pointers a specialisation never touches still get their own 1-element tensor:
     # under torch.compile each argument is functionalised separately, and two arguments
     # sharing a tensor would leave it ambiguous which copy carries the kernel's writes.
-    hs = torch.empty((g_dim, nbn, HeadSlot.NUM, r) if multi_head else 1, device=dev)
+    f32 = torch.float32
+    hs = torch.empty((g_dim, nbn, HeadSlot.NUM, r) if multi_head else 1, dtype=f32, device=dev)
     valid = torch.empty(r if multi_head else 1, dtype=torch.int8, device=dev)
-    ms = torch.empty((g_dim, 2, r) if from_logits and nbn > 1 else 1, device=dev)
+    ms = torch.empty((g_dim, 2, r) if from_logits and nbn > 1 else 1, dtype=f32, device=dev)
     mask_arg = row_mask if row_mask is not None else torch.empty(1, dtype=torch.bool, device=dev)
     # launch on the tensor's own GPU (tracing with fake tensors needs no device)
     on_gpu = dev.type == "cuda" and not _is_fake(x4)

@@ -11,6 +11,10 @@ tests run natively on CUDA tensors; ``gpu`` tests need one.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -28,6 +32,9 @@ from fastdiag.kernels import dist_stats as K  # noqa: E402
 from fastdiag.ops._dist_stats_torch import dist_stats_torch  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# the interpreter computes invalid rows' NaN statistics too (their outputs are then masked)
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
 def canon(
@@ -441,6 +448,51 @@ def test_torch_compile_fullgraph():
         step, fullgraph=True, backend="inductor" if DEV == "cuda" else "aot_eager"
     )
     assert_same(compiled(x), run(args))
+
+
+_TRACE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from torch._functorch.aot_autograd import aot_export_module
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fastdiag.kernels import dist_stats as K
+
+    hop = torch.ops.higher_order.triton_kernel_wrapper_functional
+    src = lambda node: (node.args[0], node.args[1])  # getitem(call, key)
+    for logits, n in ((False, 256), (True, 20000)):  # one tile; column blocks with 2 passes
+
+        class M(torch.nn.Module):
+            def forward(self, x, m):
+                return K.dist_stats_triton(x, m, logits, 5, 0.1, 1e-6, 2, 0, 64, True)
+
+        with FakeTensorMode():
+            x = torch.empty(2, 4, 64, n, dtype=torch.bfloat16, device="cuda")
+            m = torch.ones(128, dtype=torch.bool, device="cuda")
+            gm, _ = aot_export_module(M(), (x, m), trace_joint=False)
+        calls = [c for c in gm.graph.nodes if c.target is hop]
+        assert len(calls) == 2, gm.code
+        main, fin = calls
+        for key in ("part_ptr", "hs_ptr", "valid_ptr"):
+            assert src(fin.kwargs["kwargs"][key]) == (main, key), (key, gm.code)
+        out = next(c for c in gm.graph.nodes if c.op == "output")
+        outs = [src(o) for o in out.args[0]]
+        for call, key in ((fin, "sums_ptr"), (fin, "head_ptr"), (main, "rows_ptr"), (main, "topk_ptr")):
+            assert (call, key) in outs, (key, gm.code)
+    print("OK")
+    """
+)
+
+
+def test_triton_op_decomposes_into_its_kernels():
+    # The compiled-Triton registration (a triton_op) traced on fake CUDA tensors, as
+    # torch.compile does: each buffer must flow from the main kernel into the finalize kernel
+    # (pointer arguments that share a tensor break this). Runs without a GPU, in a subprocess
+    # because the registration is chosen when the module is imported.
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run(
+        [sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- GPU only
