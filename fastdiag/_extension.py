@@ -17,12 +17,26 @@ import platform
 import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+_on_load: list[Callable[[], None]] = []
+
+
+def on_load(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the library is loaded (now, if it already is).
+
+    Op modules register their fake (meta) implementations this way, so the fakes exist
+    before any ``torch.compile`` trace reaches the ops.
+    """
+    if _state.get("result") is not None:
+        callback()
+    else:
+        _on_load.append(callback)
 
 
 def source_dir() -> Path:
@@ -90,6 +104,8 @@ def load(quiet: bool = False, verbose: bool = False) -> str | None:
 
     The result is cached for the process: a failed build warns once and is not retried.
     """
+    if "result" in _state:  # lock-free once decided
+        return _state["result"]  # type: ignore[return-value]
     with _lock:
         if "result" in _state:
             return _state["result"]  # type: ignore[return-value]
@@ -109,6 +125,10 @@ def load(quiet: bool = False, verbose: bool = False) -> str | None:
             )
             result = None
         _state["result"] = result
+        if result is not None:
+            for callback in _on_load:
+                callback()
+            _on_load.clear()
         return result
 
 

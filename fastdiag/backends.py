@@ -39,9 +39,11 @@ def get_backend() -> str:
     return _check(os.environ.get("FASTDIAG_BACKEND", "auto").strip().lower() or "auto")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
-    """True when triton imports (it does not say whether a GPU is present)."""
+    """True when triton imports and torch can register Triton ops (not whether a GPU exists)."""
+    if not hasattr(torch.library, "triton_op"):  # torch < 2.6 cannot register Triton ops
+        return False
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -61,6 +63,7 @@ def cpu_extension_available() -> bool:
     return _extension.load(quiet=True) is not None
 
 
+@torch._dynamo.assume_constant_result
 def resolve(device: torch.device | str) -> str:
     """Concrete backend ('triton' | 'cpu' | 'torch') for a tensor on ``device``."""
     device = torch.device(device)

@@ -11,8 +11,11 @@ Every op keeps its results on the input's device and picks its backend through
 * ``norms``           fused multi-tensor gradient / parameter norms
 """
 
-from fastdiag.ops import _dist_stats_dispatch  # noqa: F401  (registers the fastdiag:: custom ops)
-from fastdiag.ops import jaccard, norms
+from fastdiag.ops import (
+    _dist_stats_dispatch,  # noqa: F401  (registers the fastdiag:: custom ops)
+    jaccard,
+    norms,
+)
 from fastdiag.ops._dist_stats import DistStats, HeadSlot, RowSlot, Slot, dist_stats, mean, std
 from fastdiag.ops.cosine import CosineStats, cosine_stats
 from fastdiag.ops.spectral import SpectralStats, effective_rank, spectral_stats

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+
 class Slot:
     """Slots of ``DistStats.sums`` (float64 [Slot.NUM]); every backend writes exactly these."""
 

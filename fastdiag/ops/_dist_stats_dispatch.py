@@ -13,7 +13,7 @@ import functools
 import torch
 from torch import Tensor
 
-from fastdiag import backends
+from fastdiag import _extension, backends
 from fastdiag.ops._dist_stats import HeadSlot, RowSlot, Slot
 from fastdiag.ops._dist_stats_torch import dist_stats_torch
 
@@ -66,19 +66,14 @@ def _torch_op(
 _torch_op.register_fake(_fake)
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_op():
-    """The C++ op (``fastdiag::dist_stats_cpu``) with its fake registered, or None."""
-    from fastdiag import _extension
-
-    if _extension.load() is None:
-        return None
-    op = torch.ops.fastdiag.dist_stats_cpu.default
+def _register_cpu_fake() -> None:
     torch.library.register_fake("fastdiag::dist_stats_cpu")(_fake)
-    return op
 
 
-@functools.lru_cache(maxsize=None)
+_extension.on_load(_register_cpu_fake)
+
+
+@functools.cache
 def _triton_op():
     from fastdiag.kernels.dist_stats import dist_stats_triton
 
@@ -91,8 +86,6 @@ def run(*args):
     backend = backends.resolve(x4.device)
     if backend == "triton":
         return _triton_op()(*args)
-    if backend == "cpu":
-        op = _cpu_op()
-        if op is not None:
-            return op(*args)
+    if backend == "cpu":  # resolve() only says "cpu" once the extension is loaded
+        return torch.ops.fastdiag.dist_stats_cpu.default(*args)
     return _torch_op(*args)
