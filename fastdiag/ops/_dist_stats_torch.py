@@ -106,7 +106,10 @@ def dist_stats_torch(
                 local = torch.zeros_like(future)
 
             vd = vf.double()
-            d = lambda t: (t.double() * vd).sum()  # noqa: E731
+
+            def d(t: Tensor, vd: Tensor = vd) -> Tensor:
+                return (t.double() * vd).sum()
+
             part = torch.stack(
                 [
                     vd.sum(),
