@@ -536,3 +536,24 @@ def test_token_table_exact_below_capacity_and_grows_above():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fd.get_epoch_stats()["ausa/routing_consistency"] == 1.0
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_exact_cosine_over_all_rows(backend, name):
+    """cosine_samples=None: every off-diagonal pair of the B*S rows (valid rows only)."""
+    backend(name)
+    gen = torch.Generator().manual_seed(10)
+    emb = torch.randn(3, 4, 5, generator=gen) + 0.5
+    emb[2, 1, 0] = math.nan
+    fd = SetDiagnostics(cosine_samples=None)
+    fd.update_with_router_state(torch.zeros(3, 2, dtype=torch.long), 4, set_embeddings=emb)
+    got = fd.get_epoch_stats()
+    rows = emb.reshape(12, 5).double()
+    rows = rows[torch.isfinite(rows).all(-1)]
+    unit = rows / rows.norm(dim=1, keepdim=True)
+    cos = unit @ unit.T
+    off = cos[~torch.eye(rows.shape[0], dtype=torch.bool)]
+    assert got["ausa/set_cosine_similarity_mean"] == pytest.approx(float(off.mean()), rel=RTOL, abs=ATOL)
+    assert got["ausa/set_cosine_similarity_max"] == pytest.approx(float(off.max()), rel=RTOL, abs=ATOL)
+    with pytest.raises(ValueError, match="cosine_samples"):
+        SetDiagnostics(cosine_samples=1)

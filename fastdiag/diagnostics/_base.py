@@ -181,16 +181,24 @@ def sample_rows(m: int, generator: torch.Generator | None, samples: int = COSINE
     return torch.randperm(m, generator=generator, device=device)[: min(samples, m)]
 
 
+def check_cosine_samples(samples: int | None) -> int | None:
+    """``samples`` validated: an int >= 2, or None (exact: every row)."""
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 2):
+        raise ValueError(f"cosine_samples must be an int >= 2 or None (exact, all rows), got {samples!r}")
+    return samples
+
+
 def embedding_values(
-    x: Tensor, generator: torch.Generator | None, samples: int = COSINE_SAMPLES
+    x: Tensor, generator: torch.Generator | None, samples: int | None = COSINE_SAMPLES
 ) -> dict[str, Tensor]:
     """Batch values of an embedding tensor [..., D] seen as rows [M, D].
 
     Returns float64 0-d tensors: ``variance`` (per-column unbiased variance over the rows,
     averaged over columns), ``norm_mean`` (mean row L2 norm), ``cosine_mean`` / ``cosine_max``
-    (off-diagonal cosine of ``min(samples, M)`` rows drawn as the seed does; no draw when
-    M < 2), ``nonfinite`` (rows with a NaN / inf entry, excluded from every value), and
-    ``clean``: the rows [M, D] with invalid rows zeroed (float32 or wider).
+    (off-diagonal cosine of ``min(samples, M)`` rows drawn as the seed does, no draw when
+    M < 2; of every row, blockwise, when ``samples`` is None), ``nonfinite`` (rows whose L2 norm is not finite, i.e. holding a NaN / inf,
+    excluded from every value), and ``clean``: the rows [M, D] with invalid rows zeroed.
+    Four cheap passes over the rows: the row norms, the zeroing, the column sums, the squares.
     """
     d = x.shape[-1]
     rows = x.detach().reshape(-1, d)
@@ -198,13 +206,20 @@ def embedding_values(
         rows = rows.float()
     m = rows.shape[0]
     device = rows.device
-    valid = torch.isfinite(rows).all(-1)
-    clean = torch.where(valid[:, None], rows, torch.zeros((), dtype=rows.dtype, device=device))
+    norms = torch.linalg.vector_norm(rows, dim=1)  # NaN / inf exactly for the non-finite rows
+    valid = torch.isfinite(norms)
     n = valid.sum().to(torch.float64)
-    col_mean = clean.sum(0) / n.to(rows.dtype)
-    dev = torch.where(valid[:, None], rows - col_mean, torch.zeros((), dtype=rows.dtype, device=device))
-    variance = (dev.square().sum(0).to(torch.float64) / (n - 1)).mean()
-    norm_mean = torch.linalg.vector_norm(clean, dim=1).to(torch.float64).sum() / n
+    clean = torch.where(valid[:, None], rows, torch.zeros((), dtype=rows.dtype, device=device))
+    # two passes over all M rows (zeroed ones included): c = column mean, q = sum (x - c)^2
+    c = clean.sum(0) / m
+    q = (clean - c).square().sum(0).to(torch.float64)
+    c = c.to(torch.float64)
+    # the n valid rows only: their mean mu = M c / n, and
+    # sum_valid (x - mu)^2 = q - (M - n) c^2 - n (mu - c)^2   (= q when every row is valid)
+    mu = m * c / n
+    var_valid = (q - (m - n) * c.square() - n * (mu - c).square()) / (n - 1)
+    variance = var_valid.mean()
+    norm_mean = torch.where(valid, norms, torch.zeros_like(norms)).to(torch.float64).sum() / n
     out = {
         "variance": torch.where(n > 1, variance, nan(device)),
         "norm_mean": norm_mean,
@@ -214,12 +229,14 @@ def embedding_values(
     if m < 2:
         out["cosine_mean"] = out["cosine_max"] = nan(device)
         return out
-    idx = sample_rows(m, generator, samples).to(device, non_blocking=True)
-    sample = clean[idx]
+    if samples is None:
+        sample, k, v = clean, m, n
+    else:
+        idx = sample_rows(m, generator, samples).to(device, non_blocking=True)
+        sample, k, v = clean[idx], idx.numel(), valid[idx].sum().to(torch.float64)
     cos = cosine_stats(sample)
     # zeroed (invalid) rows have cosine 0 with every row: rescale the mean to the valid pairs
-    k = idx.numel()
-    v = valid[idx].sum().to(torch.float64)
+    # (the max then reads max(true max, 0) when such a row was drawn)
     pairs = v * (v - 1)
     out["cosine_mean"] = torch.where(pairs > 0, cos.mean.to(torch.float64) * (k * (k - 1)) / pairs, nan(device))
     out["cosine_max"] = torch.where(pairs > 0, cos.max.to(torch.float64), nan(device))

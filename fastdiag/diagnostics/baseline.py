@@ -20,6 +20,7 @@ from fastdiag.diagnostics._base import (
     NONFINITE_ROWS,
     _Epoch,
     _ParamTracker,
+    check_cosine_samples,
     check_float,
     embedding_values,
     nan,
@@ -36,16 +37,15 @@ EFFECTIVE_HEAD_ENTROPY = 0.9  # a head is effective when its mean H / log Nk is 
 class BaselineAttentionDiagnostics:
     """Token-attention diagnostics (``baseline/`` keys of ``fastdiag.schema.BASELINE_DIAGNOSTICS``).
 
-    cosine_samples: rows of ``value_states`` drawn for ``value_cosine_similarity`` (seed: 100).
+    cosine_samples: rows of ``value_states`` drawn for ``value_cosine_similarity`` (seed: 100);
+                None = exact over all rows (blockwise op).
 
     ``get_epoch_stats`` also returns ``health/nonfinite_rows``: the mean number per update of
     attention rows (B*N, any head) or value rows holding NaN or inf, excluded from every value.
     """
 
-    def __init__(self, *, cosine_samples: int = COSINE_SAMPLES) -> None:
-        if isinstance(cosine_samples, bool) or not isinstance(cosine_samples, int) or cosine_samples < 2:
-            raise ValueError(f"cosine_samples must be an int >= 2, got {cosine_samples!r}")
-        self.cosine_samples = cosine_samples
+    def __init__(self, *, cosine_samples: int | None = COSINE_SAMPLES) -> None:
+        self.cosine_samples = check_cosine_samples(cosine_samples)
         self._epoch = _Epoch()
         self._params = _ParamTracker("attention_params")
         self._prev_top: Tensor | None = None
@@ -201,5 +201,5 @@ class BaselineAttentionDiagnostics:
         self._prev_top = None if top is None else top.clone()
         self._prev_bitmap = None if bitmap is None else bitmap.clone()
         self._attn_ndim = state_dict["attn_ndim"]
-        self.cosine_samples = int(state_dict["cosine_samples"])
+        self.cosine_samples = check_cosine_samples(state_dict["cosine_samples"])
 

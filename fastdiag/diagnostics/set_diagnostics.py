@@ -26,6 +26,7 @@ from fastdiag.diagnostics._base import (
     NONFINITE_ROWS,
     _Epoch,
     _ParamTracker,
+    check_cosine_samples,
     check_float,
     check_tensor,
     effective_rank_mean,
@@ -141,19 +142,18 @@ class SetDiagnostics:
 
     vocab_size: size of the routing-consistency token table (ids must be < vocab_size for an
                 exact value from the first epoch; default 2^16, grown at epoch end if exceeded).
-    cosine_samples: rows drawn for ``set_cosine_similarity_mean`` / ``_max`` (the seed: 100).
+    cosine_samples: rows drawn for ``set_cosine_similarity_mean`` / ``_max`` (the seed: 100);
+                None = exact over all B*S rows (METRICS.md's ``exact=True``; blockwise op).
 
     ``get_epoch_stats`` also returns ``health/nonfinite_rows``: the mean number per update of
     rows of ``router_probs`` / ``router_logits`` / ``set_attention_weights`` / ``set_embeddings``
     holding NaN or inf (those rows are excluded from every other value).
     """
 
-    def __init__(self, *, vocab_size: int | None = None, cosine_samples: int = COSINE_SAMPLES) -> None:
+    def __init__(self, *, vocab_size: int | None = None, cosine_samples: int | None = COSINE_SAMPLES) -> None:
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
             raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
-        if isinstance(cosine_samples, bool) or not isinstance(cosine_samples, int) or cosine_samples < 2:
-            raise ValueError(f"cosine_samples must be an int >= 2, got {cosine_samples!r}")
-        self.cosine_samples = cosine_samples
+        self.cosine_samples = check_cosine_samples(cosine_samples)
         self._epoch = _Epoch()
         self._params = _ParamTracker("router_params")
         self._tokens = _TokenTable(vocab_size or DEFAULT_TOKEN_CAPACITY)
@@ -400,4 +400,4 @@ class SetDiagnostics:
         self._prev_epoch = dict(state_dict["prev_epoch"])
         self._tokens.load_state_dict(state_dict["token_table"])
         self._token_updates = int(state_dict["token_updates"])
-        self.cosine_samples = int(state_dict["cosine_samples"])
+        self.cosine_samples = check_cosine_samples(state_dict["cosine_samples"])
