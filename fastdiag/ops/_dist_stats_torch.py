@@ -38,6 +38,8 @@ def _probs(chunk: Tensor, from_logits: bool) -> tuple[Tensor, Tensor]:
 
 def _topk_indices(p: Tensor, k: int) -> Tensor:
     """Top-k indices along the last axis, descending, ties to the lower index."""
+    if k == 1:  # argmax returns the first maximal index
+        return p.argmax(dim=-1, keepdim=True)
     # stable descending sort keeps equal values in index order
     return torch.sort(p, dim=-1, descending=True, stable=True).indices[..., :k]
 
