@@ -76,7 +76,7 @@ BASELINES = ("one_read", "copy")
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 ROUNDS = {"reference": 3, "seed": 3, "torch": 5}  # others: FAST_ROUNDS
 FAST_ROUNDS = 20
-PAIRED_ROUNDS = {"torch": 3, "cpu": 10, "triton": 10}  # impls timed interleaved with one_read
+PAIRED_ROUNDS = {"torch": 3, "cpu": 20, "triton": 20}  # impls timed interleaved with one_read
 
 
 @functools.lru_cache(maxsize=2)

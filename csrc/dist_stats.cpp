@@ -1,4 +1,4 @@
-// fastdiag::dist_stats_cpu - the C++ (OpenMP) backend of fastdiag.ops.dist_stats.
+// fastdiag::dist_stats_cpu - the C++ backend (at::parallel_for, OpenMP) of fastdiag.ops.dist_stats.
 //
 // Contract: fastdiag/ops/_dist_stats.py (definitions, slots) and _dist_stats_torch.py (the
 // executable spec). One pass per row over the canonical view x4 [A, G, C, N] (any strides,
@@ -12,7 +12,8 @@
 // Per-row values are float32 (16-lane vector accumulators), sums across rows float64.
 //
 // SIMD: GCC / Clang vector extensions (16 x float32), so the same code compiles for AVX-512,
-// AVX2 or NEON; log and exp are branch-free polynomial versions (about 1 ulp) that vectorise.
+// AVX2, SSE or NEON; AVX-512 intrinsics only where they pay (table log, masked tails, lane
+// masks). log and exp are branch-free vector versions (see vlog / vexp_nonpos).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,11 +24,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <tuple>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -161,7 +161,7 @@ inline vf vlog(vf x) {
 inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
 #else
 // Natural log for normal positive x (Cephes-style: x = m 2^e, m in [sqrt(1/2), sqrt(2)),
-// degree-8 polynomial in m - 1).
+// degree-8 polynomial in m - 1, about 1 ulp).
 inline vf vlog(vf x) {
   const vi bits = (vi)x;
   const vi shifted = bits - 0x3f3504f3;  // sqrt(1/2)
@@ -185,13 +185,15 @@ inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 #endif
 
 // x log x with 0 for non-positive x: the log's argument is clamped to the smallest normal
-// float, its multiplier to 0, so 0 log 0 = 0 exactly (also with denormals flushed). Subnormal
-// entries contribute their true sign and size, up to a relative error of the log.
+// float, its multiplier to 0, so 0 log 0 = 0 exactly (also with denormals flushed); subnormal
+// entries use log(FLT_MIN), an absolute error below 3e-37 each.
 inline vf vxlogx(vf x) { return vmax(x, splat(0.f)) * vlog(vmax(x, splat(1.17549435e-38f))); }
 
-// exp(t) for t <= 0 (t = -inf gives 0), about 1 ulp, subnormal results rounded once.
+// exp(t) for t <= 0 (t = -inf gives 0), about 1 ulp, subnormal results rounded once; t is
+// clamped to [-104, 0] so the float -> int conversion below stays in range (padding lanes).
 inline vf vexp_nonpos(vf t) {
   t = t > -104.f ? t : splat(-104.f);
+  t = t < 0.f ? t : splat(0.f);
   const vf big = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
   const vf n = (t * 1.44269504089f + big) - big;
   vf r = t - n * 0.693359375f;
@@ -324,7 +326,7 @@ HeadVals head_pass(const float* q, int64_t n, float d, float* buf, bool first, f
   vf xlx = splat(0.f), sq = splat(0.f), mx = splat(-INFINITY);
   vi cnt = vi{};
   const vf dv = splat(d);
-  auto step = [&](vf v) {  // padding lanes are 0 and must not count in mx / cnt: see the tail
+  auto step = [&](vf v) {  // full chunks; the tail below masks its padding lanes
     xlx += vxlogx(v);
     sq += v * v;
     cnt = v > tau ? cnt + 1 : cnt;
@@ -359,8 +361,8 @@ struct RowVals {
 
 // Statistics of the row p_j = src_j / d (DIV) or src_j; p stored into dst when STORE.
 template <bool DIV, bool STORE>
-RowVals main_pass(const float* src, float* dst, int64_t n, float d, float tau, float eps, float inv_n,
-                  const float* pf) {
+RowVals main_pass(const float* src, float* dst, int64_t n, float d, float tau, float eps,
+                  float inv_n, const float* pf) {
   vf xlx = splat(0.f), sq = splat(0.f), sum = splat(0.f), dev = splat(0.f), mx = splat(-INFINITY);
   vi ctau = vi{}, ceps = vi{};
   const vf dv = splat(d);
@@ -531,12 +533,12 @@ struct Scratch {
       : cvt(P.N + W), tmp(P.N + W), buf(P.N + W), head(P.G * kNumHeadSlots) {}
 };
 
-// [lo, hi) of j in [0, n) with lo_incl <= j <= hi_incl (bounds in 128-bit, no overflow).
+// [lo, hi) of the j in [0, n) with lo_incl <= j <= hi_incl (bounds in 128-bit: no overflow).
 inline void clamp_range(__int128 lo_incl, __int128 hi_incl, int64_t n, int64_t& lo, int64_t& hi) {
-  const __int128 a = std::max<__int128>(lo_incl, 0);
-  const __int128 b = std::min<__int128>(hi_incl + 1, n);
+  const __int128 a = std::min<__int128>(std::max<__int128>(lo_incl, 0), n);
+  const __int128 b = std::min<__int128>(std::max<__int128>(hi_incl + 1, a), n);
   lo = static_cast<int64_t>(a);
-  hi = static_cast<int64_t>(std::max(a, b));
+  hi = static_cast<int64_t>(b);
 }
 
 // Row r = a * C + c and its query index i = r % query_len, advanced without divisions.
@@ -557,7 +559,8 @@ struct RowPos {
 
 // Processes row r; adds its contributions to part (kNumSlots + G * kNumHeadSlots doubles).
 template <typename T>
-void process_row(const Problem& P, const typename T::raw* x, const RowPos& at, Scratch& S, double* part) {
+void process_row(const Problem& P, const typename T::raw* x, const RowPos& at, Scratch& S,
+                 double* part) {
   const int64_t r = at.r, n = P.N, G = P.G;
   double* hpart = part + kNumSlots;
   auto invalid = [&](bool masked) {
@@ -687,7 +690,8 @@ void run(const Problem& P, const typename T::raw* x, double* sums, double* head_
     for (int64_t b; (b = next_block.fetch_add(1, std::memory_order_relaxed)) < nblocks;) {
       double* part = parts.data() + b * width;
       const int64_t r1 = std::min(R, (b + 1) * rpb);
-      for (RowPos at = RowPos::of(P, b * rpb); at.r < r1; at = at.next(P)) process_row<T>(P, x, at, S, part);
+      for (RowPos at = RowPos::of(P, b * rpb); at.r < r1; at = at.next(P))
+        process_row<T>(P, x, at, S, part);
     }
   });
   for (int64_t b = 0; b < nblocks; ++b) {  // fixed order: independent of the thread count
@@ -716,7 +720,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dist_stats_cpu(
   TORCH_CHECK(N >= 1, "dist_stats_cpu: x4 must have a non-empty last axis, got shape ", x4.sizes());
   TORCH_CHECK(topk >= 0 && topk <= kMaxTopk && topk <= N,
               "dist_stats_cpu: topk must be in [0, min(16, N=", N, ")], got ", topk);
-  TORCH_CHECK(G >= 1 || R == 0, "dist_stats_cpu: the reduced axis (G) must be non-empty, got shape ",
+  TORCH_CHECK(G >= 1 || R == 0,
+              "dist_stats_cpu: the reduced axis (G) must be non-empty, got shape ",
               x4.sizes());
 
   const auto f64 = x4.options().dtype(at::kDouble);

@@ -270,42 +270,45 @@ FD_HD void jacobi_refresh(double* A, int k, int n, int lda, double* s, double* i
 }
 
 // One-sided cyclic Jacobi on rows 0..k-1 (length n, leading dimension lda) of A, one thread.
-// The pairs of a round are disjoint, so the order within a round does not matter (the GPU runs
-// them in parallel); here it is software-pipelined: while pair s is rotated, pair s + 1 is
-// planned and pair s + 2's dot product is loaded, so the plans' division chains overlap the
-// row updates. s, is, a2: k doubles each (scales, inverse scales, squared norms).
+// Each round runs in three phases, as on the GPU: the dot products of its (disjoint) pairs,
+// their rotation plans, the row updates. Since the pairs are disjoint this equals visiting them
+// one by one, but the plans' division chains are independent and overlap (for small n they
+// dominate). s, is, a2: k doubles each (scales, inverse scales, squared norms); coef:
+// 2 * (k / 2 + 1) doubles.
 // On return the rows are unscaled and a2 holds their exact squared norms (the eigenvalues of
 // G). Convergence: a sweep in which no pair was further from orthogonal than kStopTol ends the
 // iteration (its rotations, all < kStopTol, leave pairs at ~kStopTol^2 by the quadratic
 // convergence of cyclic Jacobi, far below kJacobiTol). Returns the sweeps run (<= kMaxSweeps),
 // 0 when k < 2.
 template <typename Ops>
-FD_HD int jacobi_rows(double* A, int k, int n, int lda, double* s, double* is, double* a2) {
+FD_HD int jacobi_rows(double* A, int k, int n, int lda, double* s, double* is, double* a2,
+                      double* coef) {
   for (int i = 0; i < k; ++i) s[i] = 1.0;
   jacobi_refresh<Ops>(A, k, n, lda, s, is, a2);
   if (k < 2) return 0;
   const int ne = k + (k & 1), half = ne / 2;
+  double* dots = coef;  // phase 1 writes dots[slot]; phase 2 turns them into alpha[slot]
+  double* beta = coef + half;
   int sweep = 0;
   bool clean = false;
   while (!clean && sweep < kMaxSweeps) {
     if (sweep++ > 0) jacobi_refresh<Ops>(A, k, n, lda, s, is, a2);
     clean = true;
     for (int round = 0; round < ne - 1; ++round) {
-      int pp[3], qq[3];      // ring of the pairs of slots s, s + 1, s + 2
-      double dd[3];          // their dot products
-      PairPlan plans[2];     // plans of slots s, s + 1
-      auto fetch = [&](int slot) {  // pair and dot product of a slot (q >= k: dummy pair)
-        const int r = slot % 3;
-        round_robin_pair(round, slot, ne, &pp[r], &qq[r]);
-        dd[r] = qq[r] < k ? Ops::dot(A + (int64_t)pp[r] * lda, A + (int64_t)qq[r] * lda, n) : 0.0;
-      };
-      auto plan = [&](int slot) {  // plan a slot and commit its scales and norms
-        const int r = slot % 3, p = pp[r], q = qq[r];
-        PairPlan& pl = plans[slot & 1];
-        pl.rotate = false;
-        if (q >= k) return;
-        pl = plan_pair(dd[r], s[p], s[q], is[p], is[q], a2[p], a2[q]);
-        if (!pl.rotate) return;
+      for (int slot = 0; slot < half; ++slot) {
+        int p, q;
+        round_robin_pair(round, slot, ne, &p, &q);
+        dots[slot] = q < k ? Ops::dot(A + (int64_t)p * lda, A + (int64_t)q * lda, n) : 0.0;
+      }
+      for (int slot = 0; slot < half; ++slot) {
+        int p, q;
+        round_robin_pair(round, slot, ne, &p, &q);
+        beta[slot] = 0.0;
+        if (q >= k) continue;
+        const PairPlan pl = plan_pair(dots[slot], s[p], s[q], is[p], is[q], a2[p], a2[q]);
+        dots[slot] = pl.alpha;  // 0 when the pair does not rotate
+        beta[slot] = pl.beta;
+        if (!pl.rotate) continue;
         s[p] = pl.sp;
         s[q] = pl.sq;
         is[p] = pl.ip;
@@ -313,18 +316,12 @@ FD_HD int jacobi_rows(double* A, int k, int n, int lda, double* s, double* is, d
         a2[p] = pl.a;
         a2[q] = pl.b;
         if (pl.large) clean = false;
-      };
-      fetch(0);
-      if (half > 1) fetch(1);
-      plan(0);
+      }
       for (int slot = 0; slot < half; ++slot) {
-        if (slot + 2 < half) fetch(slot + 2);
-        if (slot + 1 < half) plan(slot + 1);
-        const PairPlan& pl = plans[slot & 1];
-        if (pl.rotate) {
-          const int r = slot % 3;
-          Ops::update(A + (int64_t)pp[r] * lda, A + (int64_t)qq[r] * lda, n, pl.alpha, pl.beta);
-        }
+        if (beta[slot] == 0.0) continue;  // no rotation (a rotation has t != 0)
+        int p, q;
+        round_robin_pair(round, slot, ne, &p, &q);
+        Ops::update(A + (int64_t)p * lda, A + (int64_t)q * lda, n, dots[slot], beta[slot]);
       }
     }
   }

@@ -66,7 +66,7 @@ struct SimdRowOps {
 struct Workspace {
   std::vector<double> a;      // n x n8: Gram, then R (rows zero-padded to n8)
   std::vector<double> panel;  // n4 x kPanel
-  std::vector<double> sigma, scale, inv_scale, norm2;  // n each
+  std::vector<double> sigma, scale, inv_scale, norm2, coef;  // n each
   int n = -1;
   void resize(int n_) {
     if (n_ == n) return;
@@ -78,6 +78,7 @@ struct Workspace {
     scale.assign(n, 1.0);
     norm2.assign(n, 0.0);
     inv_scale.assign(n, 1.0);
+    coef.assign(2 * (n / 2 + 1), 0.0);
   }
 };
 
@@ -135,7 +136,8 @@ void spectral_one(const T* x, int n, int64_t m, int64_t sn, int64_t sm, Workspac
   const int k = sp::pivoted_cholesky(a, n, n8, cut);
   double* norm2 = ws.norm2.data();
   *sweeps_out =
-      sp::jacobi_rows<SimdRowOps>(a, k, n8, n8, ws.scale.data(), ws.inv_scale.data(), norm2);
+      sp::jacobi_rows<SimdRowOps>(a, k, n8, n8, ws.scale.data(), ws.inv_scale.data(), norm2,
+                                  ws.coef.data());
 
   double* sigma = ws.sigma.data();
   sp::SigmaSums sums;

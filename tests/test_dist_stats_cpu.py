@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from fastdiag import backends
+from fastdiag import _extension, backends
 from fastdiag.ops import _dist_stats_dispatch as dispatch
 from fastdiag.ops._dist_stats import HeadSlot, RowSlot, Slot, dist_stats
 from fastdiag.ops._dist_stats_torch import dist_stats_torch
@@ -26,7 +26,7 @@ def op():
     """The C++ op; skipped without a toolchain, a failure when a toolchain cannot build it."""
     from torch.utils import cpp_extension
 
-    if dispatch._cpu_op() is None:
+    if _extension.load() is None:
         if shutil.which("c++") is None or not cpp_extension.is_ninja_available():
             pytest.skip("no C++ compiler or ninja: the cpu backend is unavailable")
         pytest.fail("a C++ toolchain is present but the fastdiag extension did not build")
