@@ -8,9 +8,16 @@ training loop runs; ``get_epoch_stats()`` returns one dict (METRICS.md section 5
   ``torch.nn.MultiheadAttention``, every Hugging Face style attention module that returns its
   weights, and every module given to :func:`register_attention`. ``{layer}`` is the module's
   qualified name (``layers.0.self_attn``), or ``layer_{i}`` with ``attention_names="index"``.
-* ``grad_norm/{group}``, ``grad_norm_total``, ``param_norm/{group}``, ``update_ratio/{group}``,
-  ``health/nan_infs`` (and ``health/nan_infs/{group}`` for the groups that had any).
+* ``grad_norm/{group}``, ``grad_norm_total``, ``param_norm/{group}``, ``update_ratio/{group}``
+  (``||param after step - before|| / ||before||``; not counted where ``before`` is 0),
+  ``health/nan_infs`` (non-finite gradient entries per sampled step; a step whose norm is
+  non-finite adds nothing to that norm's mean) and ``health/nan_infs/{group}`` for the groups
+  that had any.
 * ``{probe name}/{module}`` for every :func:`probe`.
+
+Attention values are per-head (seed 004): entropy and top-1 are means over the B*H*N per-head
+rows, sparsity the share of per-head entries > 0.1, effective heads the share of heads whose
+mean entropy / log Nk is below 0.9.
 
 Every value is computed on the device by ``fastdiag.ops`` and kept in one packed
 :class:`~fastdiag.accumulator.Accumulator`; nothing is copied to the host before
