@@ -57,12 +57,12 @@ class Case:
 
 
 CASES = (
-    Case("attention[4,8,256,256]", (4, 8, 256, 256), torch.float32, 1, 5, "attention"),
-    Case("attention[8,12,512,512]", (8, 12, 512, 512), torch.float32, 1, 5, "attention"),
-    Case("attention[2,16,1024,1024]", (2, 16, 1024, 1024), torch.float32, 1, 5, "attention"),
-    Case("routing[32,512,64]", (32, 512, 64), torch.float32, None, 1, "routing"),
+    Case("attention_4x8x256x256", (4, 8, 256, 256), torch.float32, 1, 5, "attention"),
+    Case("attention_8x12x512x512", (8, 12, 512, 512), torch.float32, 1, 5, "attention"),
+    Case("attention_2x16x1024x1024", (2, 16, 1024, 1024), torch.float32, 1, 5, "attention"),
+    Case("routing_32x512x64", (32, 512, 64), torch.float32, None, 1, "routing"),
     Case(
-        "attention[8,16,2048,2048]bf16",
+        "attention_8x16x2048x2048_bf16",
         (8, 16, 2048, 2048),
         torch.bfloat16,
         1,
@@ -229,7 +229,7 @@ def paired_minima(
 def test_dist_stats(benchmark, case: Case, impl: str, device: str) -> None:
     if device not in case.devices:
         pytest.skip(f"{case.name} runs on {case.devices} only")
-    if impl in ("reference", "seed", "torch") and case.name.startswith("attention[8,16,2048"):
+    if impl in ("reference", "seed", "torch") and case.name.startswith("attention_8x16x2048"):
         pytest.skip("the slow implementations are not run at the GPU-target size")
     x = make_input(case, device)
     try:

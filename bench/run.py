@@ -2,7 +2,7 @@
 
     python bench/run.py                              # every bench/bench_*.py
     python bench/run.py bench/bench_dist_stats.py    # one file
-    python bench/run.py -k "8,12,512"                # pytest -k filter
+    python bench/run.py -k 8x12x512x512               # pytest -k filter
 
 The device is the GPU's name when the dist_stats benchmarks ran on CUDA, else the CPU model,
 sanitised into a file name. For ``dist_stats`` rows (see ``bench_dist_stats.py``):

@@ -456,35 +456,42 @@ float range_sum(const float* p, int64_t lo, int64_t hi) {
 // are >= it, and no entry below it can be in the top k.
 float topk_floor(vf lane_max, int64_t k) {
   if (k == 1) return hmax(lane_max);
-  float t = INFINITY;
 #if defined(__AVX512F__)
+  // rank of each lane = number of lanes above it, without branches
   const __m512 v = (__m512)lane_max;
-  for (int l = 0; l < W; ++l) {
-    const __m512 b = _mm512_permutexvar_ps(_mm512_set1_epi32(l), v);
-    const int above = __builtin_popcount(_mm512_cmp_ps_mask(v, b, _CMP_GT_OQ));
-    if (above < k) t = std::min(t, lane_max[l]);
+  __m512i rank = _mm512_setzero_si512();
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int m = 0; m < W; ++m) {
+    const __m512 b = _mm512_permutexvar_ps(_mm512_set1_epi32(m), v);
+    rank = _mm512_mask_add_epi32(rank, _mm512_cmp_ps_mask(b, v, _CMP_GT_OQ), rank, one);
   }
+  const __mmask16 top = _mm512_cmplt_epi32_mask(rank, _mm512_set1_epi32(static_cast<int>(k)));
+  return _mm512_mask_reduce_min_ps(top, v);
 #else
+  float t = INFINITY;
   for (int l = 0; l < W; ++l) {
     const float v = lane_max[l];
     int64_t above = 0;
     for (int m = 0; m < W; ++m) above += lane_max[m] > v;
     if (above < k && v < t) t = v;
   }
-#endif
   return t;
+#endif
 }
 
-// Indices of the k largest entries of p, descending, ties to the lower index: the entries
-// >= topk_floor, visited in index order, go through a sorted insertion buffer.
-void topk_pass(const float* p, int64_t n, int64_t k, vf lane_max, int64_t* out) {
+// Sorted insertion buffer of the k largest values offered in index order (descending, ties to
+// the lower index: an equal value offered later stays behind).
+struct TopkBuffer {
   float val[kMaxTopk];
   int64_t idx[kMaxTopk];
-  for (int64_t i = 0; i < k; ++i) {
-    val[i] = -INFINITY;
-    idx[i] = -1;
+  int64_t k;
+  explicit TopkBuffer(int64_t k_) : k(k_) {
+    for (int64_t i = 0; i < k; ++i) {
+      val[i] = -INFINITY;
+      idx[i] = -1;
+    }
   }
-  auto insert = [&](float x, int64_t j) {
+  void offer(float x, int64_t j) {
     if (!(x > val[k - 1])) return;
     int64_t i = k - 1;
     while (i > 0 && x > val[i - 1]) {
@@ -494,23 +501,95 @@ void topk_pass(const float* p, int64_t n, int64_t k, vf lane_max, int64_t* out) 
     }
     val[i] = x;
     idx[i] = j;
-  };
-  const float floor = topk_floor(lane_max, k);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    uint32_t bits = lanes_ge(loadv(p + j), floor);
-    if (k == 1 && bits != 0) {  // top-1: the first entry equal to the max
-      out[0] = j + __builtin_ctz(bits);
-      return;
-    }
-    for (; bits != 0; bits &= bits - 1) {
-      const int64_t l = __builtin_ctz(bits);
-      insert(p[j + l], j + l);
-    }
   }
-  for (; j < n; ++j)
-    if (p[j] >= floor) insert(p[j], j);
-  std::memcpy(out, idx, sizeof(int64_t) * k);
+  void write(int64_t* out) const { std::memcpy(out, idx, sizeof(int64_t) * k); }
+};
+
+// Indices of the k largest entries of p, descending, ties to the lower index. Only entries
+// >= topk_floor are candidates (~k for k <= 8, ~3k for k = 16 on random rows); AVX-512
+// collects them with compress and ranks up to 64 of them without branches (an insertion
+// buffer mispredicts a branch per candidate on random rows); more candidates (ties, flat
+// rows) go through the insertion buffer.
+void topk_pass(const float* p, int64_t n, int64_t k, vf lane_max, int64_t* out, float* cand_val,
+               int32_t* cand_idx) {
+  const float floor = topk_floor(lane_max, k);
+  if (k == 1) {  // the first entry equal to the max
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      const uint32_t bits = lanes_ge(loadv(p + j), floor);
+      if (bits != 0) {
+        out[0] = j + __builtin_ctz(bits);
+        return;
+      }
+    }
+    while (j < n && !(p[j] >= floor)) ++j;
+    out[0] = j;
+    return;
+  }
+#if defined(__AVX512F__)
+  if (n <= INT32_MAX) {
+    const __m512 f = _mm512_set1_ps(floor);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t m = 0;
+    auto lanes = [&](int64_t j) -> __mmask16 {
+      return j + W <= n ? static_cast<__mmask16>(0xffff) : j < n ? first_lanes(n - j) : 0;
+    };
+    // four chunks per test: most rows have candidates in a few chunks only, and the chunks
+    // with none cost no compress (whose store offset m is a serial dependency)
+    for (int64_t j = 0; j < n; j += 4 * W) {
+      __mmask16 hit[4];
+      __m512 v[4];
+      for (int c = 0; c < 4; ++c) {
+        const __mmask16 live = lanes(j + c * W);
+        v[c] = _mm512_maskz_loadu_ps(live, p + j + c * W);
+        hit[c] = _mm512_mask_cmp_ps_mask(live, v[c], f, _CMP_GE_OQ);
+      }
+      if ((hit[0] | hit[1] | hit[2] | hit[3]) == 0) continue;
+      for (int c = 0; c < 4; ++c) {
+        const int32_t j0 = static_cast<int32_t>(j + c * W);
+        const __m512i ji = _mm512_add_epi32(iota, _mm512_set1_epi32(j0));
+        _mm512_storeu_ps(cand_val + m, _mm512_maskz_compress_ps(hit[c], v[c]));
+        _mm512_storeu_si512(cand_idx + m, _mm512_maskz_compress_epi32(hit[c], ji));
+        m += __builtin_popcount(hit[c]);
+      }
+    }
+    if (m > 4 * W) {  // many ties or a flat row: insertion
+      TopkBuffer top(k);
+      for (int64_t c = 0; c < m; ++c) top.offer(cand_val[c], cand_idx[c]);
+      return top.write(out);
+    }
+    // rank of candidate c = candidates above it + equal ones before it (lower index); each
+    // rank < k names one output slot, the others land in the spare slot k
+    const int64_t nv = (m + W - 1) / W;
+    __m512 vals[4];
+    __mmask16 valid[4];
+    for (int64_t u = 0; u < nv; ++u) {
+      valid[u] = first_lanes(std::min<int64_t>(W, m - u * W));
+      vals[u] = _mm512_maskz_loadu_ps(valid[u], cand_val + u * W);
+    }
+    int64_t slot[kMaxTopk + 1];
+    for (int64_t c = 0; c < m; ++c) {
+      const __m512 b = _mm512_set1_ps(cand_val[c]);
+      const int64_t cu = c / W;
+      int rank = 0;
+      for (int64_t u = 0; u < nv; ++u) {
+        const __mmask16 before = u < cu ? valid[u] : u == cu ? first_lanes(c - u * W) : 0;
+        rank += __builtin_popcount(_mm512_mask_cmp_ps_mask(valid[u], vals[u], b, _CMP_GT_OQ)) +
+                __builtin_popcount(_mm512_mask_cmp_ps_mask(before, vals[u], b, _CMP_EQ_OQ));
+      }
+      slot[std::min<int64_t>(rank, k)] = cand_idx[c];
+    }
+    std::memcpy(out, slot, sizeof(int64_t) * k);
+    return;
+  }
+#endif
+  // portable path: the entries >= floor through the insertion buffer, in index order
+  (void)cand_val;
+  (void)cand_idx;
+  TopkBuffer top(k);
+  for (int64_t j = 0; j < n; ++j)
+    if (p[j] >= floor) top.offer(p[j], j);
+  top.write(out);
 }
 
 // ---- the op ----
@@ -528,9 +607,10 @@ struct Problem {
 };
 
 struct Scratch {
-  std::vector<float> cvt, tmp, buf, head;
+  std::vector<float> cvt, tmp, buf, head;  // tmp: exp values, then top-k candidate values
+  std::vector<int32_t> cand;               // top-k candidate indices
   explicit Scratch(const Problem& P)
-      : cvt(P.N + W), tmp(P.N + W), buf(P.N + W), head(P.G * kNumHeadSlots) {}
+      : cvt(P.N + W), tmp(P.N + W), buf(P.N + W), head(P.G * kNumHeadSlots), cand(P.N + W) {}
 };
 
 // [lo, hi) of the j in [0, n) with lo_incl <= j <= hi_incl (bounds in 128-bit: no overflow).
@@ -641,7 +721,7 @@ void process_row(const Problem& P, const typename T::raw* x, const RowPos& at, S
     clamp_range(qi - P.window, qi + P.window, n, lo, hi);
     local = range_sum(p, lo, hi);
   }
-  if (P.k > 0) topk_pass(p, n, P.k, rv.lane_max, P.topk + r * P.k);
+  if (P.k > 0) topk_pass(p, n, P.k, rv.lane_max, P.topk + r * P.k, S.tmp.data(), S.cand.data());
   if (P.rows) {
     float* o = P.rows + r * kNumRowSlots;
     o[kRowEntropy] = rv.ent;
