@@ -21,23 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdiag import backends
 from fastdiag.demo.models import BaselineLM, SetRoutingLM
+from fastdiag.diagnostics import BaselineAttentionDiagnostics, SetDiagnostics
 from fastdiag.logging import MetricsLogger
 from fastdiag.report import format_comparison, format_verdicts, write_html
 from fastdiag.schema import Verdict, verdicts
 
 BASELINE_RUN = "baseline"
 SET_RUN = "set-routing"
-
-
-def diagnostics_classes() -> tuple[type, type]:
-    """(SetDiagnostics, BaselineAttentionDiagnostics): fastdiag's drop-in classes."""
-    try:
-        from fastdiag import BaselineAttentionDiagnostics, SetDiagnostics
-    except ImportError:
-        # TODO(lead): remove this fallback once fastdiag.diagnostics exports both classes.
-        from fastdiag.reference import BaselineAttentionDiagnostics, SetDiagnostics
-    return SetDiagnostics, BaselineAttentionDiagnostics
 
 
 @dataclass(frozen=True)
@@ -255,11 +247,11 @@ def _run_demo(
     db = out / "demo.db"
     _remove_db(db)  # each demo starts a fresh database
     data = CharData(load_corpus(), dev)
-    set_cls, baseline_cls = diagnostics_classes()
+    set_cls, baseline_cls = SetDiagnostics, BaselineAttentionDiagnostics
     stream.write(
         f"fastdiag demo ({size} size): {len(data.splits['train'])} training "
         f"characters, vocab {data.vocab}, {cfg.epochs} epochs x {cfg.steps_per_epoch} steps, "
-        f"device {dev}, diagnostics {set_cls.__module__}"
+        f"device {dev}, backend {backends.get_backend()}"
         + (", router frozen" if break_router else "")
         + "\n"
     )
