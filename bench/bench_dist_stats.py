@@ -24,13 +24,17 @@ also timed interleaved with ``one_read`` (``extra_info["paired_s"]`` and
 a load change between tests. Peak extra memory (``extra_info["peak_extra_bytes"]``): on CUDA
 ``torch.cuda.max_memory_allocated`` above the allocation before the call; on CPU the rise of the
 process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above the
-resident set before the call, so it counts every allocation the call touches (torch tensors,
-the C++ kernel's scratch, Python objects), not memory reused from the allocator's free lists.
+resident set before the call, after ``malloc_trim(0)`` has returned the heap's free pages to the
+OS, so it counts every allocation the call touches (torch tensors, the C++ kernel's scratch,
+Python objects) whatever ran before.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import gc
 import re
 import time
 from collections.abc import Callable
@@ -180,6 +184,14 @@ def device_time(fn: Callable[[], object]) -> float:
         return sorted(times)[len(times) // 2]
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def _rss_kib(field: str) -> int:
     status = Path("/proc/self/status").read_text()
     return int(re.search(rf"{field}:\s+(\d+)", status).group(1))
@@ -196,6 +208,10 @@ def peak_extra(fn: Callable[[], object], device: str) -> tuple[int | None, str]:
         peak = torch.cuda.max_memory_allocated() - before
         del out
         return peak, "torch.cuda.max_memory_allocated"
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)  # free heap pages back to the OS, so reused memory counts again
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         before = _rss_kib("VmRSS")

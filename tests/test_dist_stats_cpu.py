@@ -112,6 +112,21 @@ def test_zeros_one_hot_and_ties(op):
     assert out[3][5, :3].tolist() == [3, 9, 31]
 
 
+@pytest.mark.parametrize("k", [2, 5, 16])
+def test_many_top_candidates(op, k):
+    """Flat rows and wide ties: more than 16 (and more than 64) entries reach the top-k floor."""
+    x = torch.full((6, 200), 1 / 200)  # every entry ties
+    x[1, 50:90] = 0.01  # 40 tied maxima
+    x[2, ::3] = 0.009  # 67 tied maxima
+    x[3] = torch.linspace(0.0, 0.01, 200)  # ascending: every entry beats the previous ones
+    x[4] = torch.linspace(0.01, 0.0, 200)
+    x[5] = torch.rand(200, generator=torch.Generator().manual_seed(3)).round(decimals=1)
+    got = compare(op, args(x.view(1, 1, 6, 200), k=k))
+    assert got[3][0].tolist() == list(range(k))
+    assert got[3][3].tolist() == list(range(199, 199 - k, -1))
+    compare(op, args(torch.zeros(1, 2, 3, 200), logits=True, k=k), exact_counts=False)
+
+
 def test_ties_in_head_mean_and_logits(op):
     lev = torch.randint(0, 4, (3, 2, 9, 64), generator=torch.Generator().manual_seed(1)).float()
     compare(op, args(lev / lev.sum(-1, keepdim=True).clamp_min(1), k=16))
