@@ -13,7 +13,7 @@ Conventions shared by every function here:
 - Top-k indices are sorted by descending value; ties go to the lower index (a stable descending
   sort, never ``torch.topk`` whose tie order is unspecified).
 - ``std`` and ``var`` are unbiased (n - 1).
-- An entropy normalised by ``log n`` is 0 when ``n == 1`` (one choice: no spread).
+- An entropy normalised by ``log n`` is NaN when ``n == 1`` (0 / log 1: undefined, as the op documents).
 
 Epoch semantics of the diagnostics classes (``count_mode``):
 
@@ -76,8 +76,8 @@ def entropy(p: Tensor, dim: int = -1) -> Tensor:
 
 
 def _normalised(h: Tensor | float, n: int) -> Tensor | float:
-    """``h / log n``; 0 when ``n == 1``."""
-    return h / math.log(n) if n > 1 else h * 0.0
+    """``h / log n``; NaN when ``n == 1`` (0 / log 1 is undefined)."""
+    return h / math.log(n) if n > 1 else h * math.nan
 
 
 def stable_topk_indices(x: Tensor, k: int) -> Tensor:

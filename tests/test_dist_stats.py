@@ -265,6 +265,14 @@ def test_bad_arguments_name_themselves(kwargs, match):
         dist_stats(softmax_rows(2, 3, 4, 8), **kwargs)
 
 
+def test_empty_reduce_axis_is_an_error_and_empty_batches_are_not(each_backend):
+    with pytest.raises(ValueError, match="empty axis"):
+        dist_stats(torch.ones(2, 0, 4, 8), reduce_dim=1)
+    out = dist_stats(torch.ones(0, 3, 4, 8), reduce_dim=1, topk=2)
+    assert out.sums[Slot.COUNT].item() == 0
+    assert out.topk.shape == (0, 4, 2)
+
+
 def test_bad_tensors():
     with pytest.raises(ValueError, match="dtype"):
         dist_stats(torch.ones(3, 4, dtype=torch.int64))

@@ -105,7 +105,7 @@ def python_usage(values: list[int], s: int) -> dict[str, float]:
     out["size_std"] = math.sqrt(sum((x - m) ** 2 for x in act) / (len(act) - 1)) if len(act) > 1 else math.nan
     h = -sum(x / t * math.log(x / t) for x in act)
     out["entropy"] = h
-    out["entropy_norm"] = h / math.log(s) if s > 1 else 0.0
+    out["entropy_norm"] = h / math.log(s) if s > 1 else math.nan  # 0 / log 1: undefined
     out["gini"] = sum(abs(a - b) for a in c for b in c) / (2 * s * t)
     out["top1_share"] = max(c) / t
     return out

@@ -45,8 +45,8 @@ def nan(device: torch.device) -> Tensor:
 
 
 def normalised(h: Tensor, n: int) -> Tensor:
-    """``h / log n``; 0 when ``n == 1`` (one choice: no spread), NaN stays NaN."""
-    return h / math.log(n) if n > 1 else h * 0.0
+    """``h / log n``; NaN when ``n == 1`` (0 / log 1 is undefined)."""
+    return h / math.log(n) if n > 1 else h * math.nan
 
 
 def check_tensor(x: Any, name: str) -> Tensor:

@@ -152,6 +152,11 @@ def _validate(
                 f"reduce_dim must name a leading axis of x with shape {tuple(x.shape)} "
                 f"(in [-{x.dim()}, {x.dim() - 2}] and not the last axis), got {reduce_dim}"
             )
+        if x.shape[reduce_dim] == 0:
+            raise ValueError(
+                f"reduce_dim={reduce_dim} names an empty axis of x with shape {tuple(x.shape)}: "
+                "there is nothing to average"
+            )
     if isinstance(topk, bool) or not isinstance(topk, int):
         raise TypeError(f"topk must be an int, got {type(topk).__name__}")
     if not 0 <= topk <= MAX_TOPK or topk > x.shape[-1]:

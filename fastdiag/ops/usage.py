@@ -25,7 +25,7 @@ class UsageStats(NamedTuple):
     out_of_range: int64 0-d, entries >= S (an error for the caller to report; not counted).
     The rest are float64 0-d tensors, with ``c = counts``, ``T = sum(c)``, ``u = c / T``:
     total (T), active_ratio (#active / S), size_mean / size_std (mean, unbiased std of c over
-    the active choices), entropy (H(u), nats), entropy_norm (H(u) / log S, 0 when S = 1),
+    the active choices), entropy (H(u), nats), entropy_norm (H(u) / log S, NaN when S = 1),
     gini (sum_ij |c_i - c_j| / (2 S T), zeros included), top1_share (max u),
     variance (unbiased variance of all S counts, zeros included).
     Undefined values are NaN: every share when T = 0, size_std with < 2 active choices,
@@ -99,7 +99,7 @@ def counts_stats(counts: Tensor) -> UsageStats:
         size_mean=torch.where(ok, size_mean, nan),
         size_std=size_std,
         entropy=torch.where(ok, entropy, nan),
-        entropy_norm=torch.where(ok, entropy / math.log(s), nan) if s > 1 else torch.where(ok, 0 * entropy, nan),
+        entropy_norm=torch.where(ok, entropy / math.log(s), nan) if s > 1 else torch.full_like(entropy, math.nan),
         gini=torch.where(ok, gini, nan),
         top1_share=torch.where(ok, u.amax(), nan),
         variance=variance,
