@@ -14,34 +14,65 @@ from fastdiag.ops._dist_stats import HeadSlot, RowSlot, Slot
 CHUNK_ELEMS = 1 << 22
 
 
-def _entr(p: Tensor) -> Tensor:
-    """-p log p elementwise with 0 for p <= 0 (0 log 0 = 0; negative entries ignored)."""
-    pos = p > 0
-    return torch.where(pos, -p * torch.log(torch.where(pos, p, torch.ones_like(p))), torch.zeros_like(p))
+def _entr_sum(p: Tensor) -> Tensor:
+    """sum_j -p_j log p_j over the last axis (0 log 0 = 0; negative entries contribute 0)."""
+    return torch.special.entr(p.clamp_min(0)).sum(-1)
+
+
+def _sumsq(p: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(p, dim=-1).square()
 
 
 def _probs(chunk: Tensor, from_logits: bool) -> tuple[Tensor, Tensor]:
-    """Per-head probabilities [a, G, c, N] in float32 and per-(a, c) finiteness [a, c]."""
+    """Per-head probabilities [a, G, c, N] (float32) and per-row finiteness [a, c].
+
+    Non-finite rows are not zeroed (that would cost a pass): their statistics come out NaN and
+    are dropped by ``torch.where`` on the per-row values. A head is non-finite when its softmax
+    normaliser is (logits) or its max |entry| is (probabilities): NaN and +-inf propagate into
+    both, while a huge finite entry does not.
+    """
     xf = chunk.float()
     if from_logits:
-        head_max = xf.amax(dim=-1, keepdim=True)
-        bad = torch.isnan(xf).any(-1) | torch.isposinf(xf).any(-1) | torch.isneginf(head_max[..., 0])
-        safe_max = torch.where(torch.isfinite(head_max), head_max, torch.zeros_like(head_max))
-        e = torch.exp(xf - safe_max)
-        p = e / e.sum(dim=-1, keepdim=True)
-    else:
-        bad = ~torch.isfinite(xf).all(-1)
-        p = xf
-    finite = ~bad.any(1)
-    return torch.where(finite[:, None, :, None], p, torch.zeros_like(p)), finite
+        e = torch.exp(xf - xf.amax(dim=-1, keepdim=True))
+        z = e.sum(dim=-1, keepdim=True)
+        return e / z, torch.isfinite(z[..., 0]).all(1)
+    peak = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1)
+    return xf, torch.isfinite(peak).all(1)
 
 
 def _topk_indices(p: Tensor, k: int) -> Tensor:
     """Top-k indices along the last axis, descending, ties to the lower index."""
     if k == 1:  # argmax returns the first maximal index
         return p.argmax(dim=-1, keepdim=True)
-    # stable descending sort keeps equal values in index order
-    return torch.sort(p, dim=-1, descending=True, stable=True).indices[..., :k]
+    # Unique int64 keys make torch.topk's order exact: the float32 bits made order-preserving
+    # (negative floats flip their magnitude bits) in the high half, the reversed index in the low
+    # half, so equal values rank the lower index first. ``+ 0.0`` folds -0.0 into +0.0.
+    bits = (p + 0.0).contiguous().view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    index = torch.arange(p.shape[-1], device=p.device, dtype=torch.int64)
+    keys = bits * (1 << 32) + ((1 << 32) - 1 - index)
+    return torch.topk(keys, k, dim=-1, sorted=True).indices
+
+
+def _masses(p: Tensor, base: Tensor, offset: int, window: int, query_len: int) -> tuple[Tensor, Tensor]:
+    """Future mass (keys j > q) and local mass (|j - q| <= window) per row, from one cumsum;
+    q = base + offset with base = the row's query index (< query_len)."""
+    n = p.shape[-1]
+    cs = p.cumsum(-1)
+    total = cs[..., -1]
+    # bounds past either end of the row change nothing, so the Python-int shifts are clamped
+    # there before they meet the int64 tensor (no overflow for any offset or window)
+    far = query_len + n + 2
+
+    def upto(shift: int) -> Tensor:  # sum_{j <= base + shift} p_j
+        j = base + max(-far, min(far, shift))
+        got = cs.gather(-1, j.clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
+        return torch.where(j < 0, torch.zeros_like(got), got)
+
+    future = total - upto(offset)
+    if window < 0:
+        return future, torch.zeros_like(future)
+    return future, upto(offset + window) - upto(offset - window - 1)
 
 
 def dist_stats_torch(
@@ -68,7 +99,6 @@ def dist_stats_torch(
     if a_dim * c_dim == 0:
         return sums, head_sums, rows_out, topk_out
 
-    keys = torch.arange(n, device=dev)
     is_max = torch.zeros(Slot.NUM, dtype=torch.bool)
     is_max[list(Slot.MAX_REDUCED)] = True
     is_max = is_max.to(dev)
@@ -80,72 +110,61 @@ def dist_stats_torch(
         a1 = min(a_dim, a0 + per_a)
         for c0 in range(0, c_dim, c_step):
             c1 = min(c_dim, c0 + c_step)
-            chunk = x4[a0:a1, :, c0:c1, :]
-            ph, finite = _probs(chunk, from_logits)  # [a, G, c, N], [a, c]
-            r_idx = (torch.arange(a0, a1, device=dev)[:, None] * c_dim + torch.arange(c0, c1, device=dev)[None, :])
-            if row_mask is not None:
-                allowed = row_mask[r_idx]
-            else:
-                allowed = torch.ones_like(finite)
-            valid = finite & allowed
-            vf = valid.to(torch.float32)
+            ph, finite = _probs(x4[a0:a1, :, c0:c1, :], from_logits)
+            r_idx = torch.arange(a0, a1, device=dev)[:, None] * c_dim + torch.arange(c0, c1, device=dev)
+            allowed = row_mask[r_idx] if row_mask is not None else torch.ones_like(finite)
+            valid = finite & allowed  # [a, c]
             p = ph.mean(dim=1) if g_dim > 1 else ph[:, 0]  # [a, c, N]
-            p = p * vf[..., None]
 
-            ent = _entr(p).sum(-1)
+            ent = _entr_sum(p)
             pmax = p.amax(-1)
-            sumsq = (p * p).sum(-1)
-            gt_tau = (p > tau).sum(-1).to(torch.float32)
-            gt_eps = (p > eps).sum(-1).to(torch.float32)
-            rowsum_err = (p.sum(-1) - 1.0).abs() * vf
-            abs_dev = (p - inv_n).abs().mean(-1) * vf
-            qi = (r_idx % query_len) + query_offset  # [a, c]
-            future = torch.where(keys[None, None, :] > qi[..., None], p, torch.zeros_like(p)).sum(-1)
-            if window >= 0:
-                near = (keys[None, None, :] - qi[..., None]).abs() <= window
-                local = torch.where(near, p, torch.zeros_like(p)).sum(-1)
-            else:
-                local = torch.zeros_like(future)
+            sumsq = _sumsq(p)
+            gt_tau = torch.count_nonzero(p > tau, dim=-1).to(torch.float32)
+            gt_eps = torch.count_nonzero(p > eps, dim=-1).to(torch.float32)
+            future, local = _masses(p, r_idx % query_len, query_offset, window, query_len)
+            rowsum_err = (future.new_tensor(1.0) - (p.sum(-1))).abs()
+            abs_dev = (p - inv_n).abs().mean(-1)
 
-            vd = vf.double()
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
 
-            def d(t: Tensor, vd: Tensor = vd) -> Tensor:
-                return (t.double() * vd).sum()
+            def d(t: Tensor, valid: Tensor = valid, zero: Tensor = zero) -> Tensor:
+                return torch.where(valid, t.double(), zero)  # drops NaN of invalid rows
 
             part = torch.stack(
                 [
-                    vd.sum(),
-                    d(ent),
-                    d(ent * ent),
-                    d(pmax),
-                    d(pmax * pmax),
-                    d(sumsq),
-                    d(gt_tau),
-                    d(gt_eps),
-                    d(rowsum_err),
-                    (rowsum_err.double() * vd).amax(),
-                    d(future),
-                    (future.double() * vd).amax(),
-                    d(local),
-                    d(abs_dev),
+                    valid.double().sum(),
+                    d(ent).sum(),
+                    d(ent * ent).sum(),
+                    d(pmax).sum(),
+                    d(pmax * pmax).sum(),
+                    d(sumsq).sum(),
+                    d(gt_tau).sum(),
+                    d(gt_eps).sum(),
+                    d(rowsum_err).sum(),
+                    d(rowsum_err).amax(),
+                    d(future).sum(),
+                    d(future).amax(),
+                    d(local).sum(),
+                    d(abs_dev).sum(),
                     (allowed & ~finite).double().sum(),
                     (~allowed).double().sum(),
                 ]
             )
             sums = torch.where(is_max, torch.maximum(sums, part), sums + part)
 
-            hv = vf[:, None, :]  # [a, 1, c]
-            ph = ph * hv[..., None]
-            head_part = torch.stack(
-                [
-                    (_entr(ph).sum(-1) * hv).double().sum((0, 2)),
-                    (ph.amax(-1) * hv).double().sum((0, 2)),
-                    ((ph > tau).sum(-1).to(torch.float32) * hv).double().sum((0, 2)),
-                    ((ph * ph).sum(-1) * hv).double().sum((0, 2)),
-                ],
-                dim=-1,
+            if g_dim > 1:
+                per_head = [
+                    _entr_sum(ph),
+                    ph.amax(-1),
+                    torch.count_nonzero(ph > tau, dim=-1).to(torch.float32),
+                    _sumsq(ph),
+                ]
+            else:  # the one head is the row itself
+                per_head = [ent[:, None], pmax[:, None], gt_tau[:, None], sumsq[:, None]]
+            hv = valid[:, None, :]  # [a, 1, c]
+            head_sums = head_sums + torch.stack(
+                [torch.where(hv, t.double(), zero).sum((0, 2)) for t in per_head], dim=-1
             )
-            head_sums = head_sums + head_part
 
             flat_r = r_idx.reshape(-1)
             if want_rows:
