@@ -99,7 +99,7 @@ def _flags(with_cuda: bool) -> dict[str, list[str]]:
     return flags
 
 
-def load(quiet: bool = False, verbose: bool = False) -> str | None:
+def load(verbose: bool = False) -> str | None:
     """Build (if needed) and load the extension; returns the library path or None.
 
     The result is cached for the process: a failed build warns once and is not retried.
@@ -162,4 +162,4 @@ def _build_and_load(verbose: bool) -> str:
 def build_extension(verbose: bool = True) -> str | None:
     """Ahead-of-time build (``python -m fastdiag build-ext``); returns the library path."""
     _state.pop("result", None)
-    return load(quiet=False, verbose=verbose)
+    return load(verbose=verbose)

@@ -60,7 +60,7 @@ def cpu_extension_available() -> bool:
     """True when the C++ extension is (or can be) built and loaded; never raises."""
     from fastdiag import _extension
 
-    return _extension.load(quiet=True) is not None
+    return _extension.load() is not None
 
 
 @torch._dynamo.assume_constant_result

@@ -212,7 +212,9 @@ def _attention_values(sums: Tensor, head_sums: Tensor, nk: int, threshold: float
     sparsity = head_sums[:, HeadSlot.GT_TAU].sum() / (rows * nk)
     top1 = head_sums[:, HeadSlot.MAX].sum() / rows
     head_entropy = head_sums[:, HeadSlot.ENTROPY] / count
-    normalised = head_entropy / math.log(nk) if nk > 1 else head_entropy * 0.0
+    # N = 1: H / log 1 is NaN (as dist_stats documents), so no head counts as effective,
+    # the same value BaselineAttentionDiagnostics gives
+    normalised = head_entropy / math.log(nk) if nk > 1 else head_entropy * math.nan
     effective = (normalised < threshold).double().mean()
     effective = torch.where(count > 0, effective, torch.full_like(effective, math.nan))
     return torch.stack([entropy, sparsity, top1, effective])

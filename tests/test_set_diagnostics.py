@@ -538,6 +538,29 @@ def test_token_table_exact_below_capacity_and_grows_above():
         assert fd.get_epoch_stats()["ausa/routing_consistency"] == 1.0
 
 
+def test_token_table_grows_once_per_overflow_without_reset():
+    """get_epoch_stats called again without reset(): no second warning, no second growth,
+    until an id beyond the grown table arrives; a resumed object keeps that state."""
+    fd = SetDiagnostics(vocab_size=8)
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    fd.update_with_router_state(idx, 3, token_ids=torch.tensor([[1, 100, 2]]))
+    with pytest.warns(RuntimeWarning, match="capacity 8"):
+        fd.get_epoch_stats()
+    assert fd._tokens.capacity == 128
+    resumed = SetDiagnostics(vocab_size=8)
+    resumed.load_state_dict(fd.state_dict())
+    for diag in (fd, resumed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            diag.get_epoch_stats()
+            diag.get_epoch_stats()
+        assert diag._tokens.capacity == 128
+    fd.update_with_router_state(idx, 3, token_ids=torch.tensor([[1, 1000, 2]]))
+    with pytest.warns(RuntimeWarning, match="capacity 128"):
+        fd.get_epoch_stats()
+    assert fd._tokens.capacity == 1024
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_exact_cosine_over_all_rows(backend, name):
     """cosine_samples=None: every off-diagonal pair of the B*S rows (valid rows only)."""

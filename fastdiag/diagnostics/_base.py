@@ -6,7 +6,7 @@
   accumulator kernel per update.
 - :class:`_ParamTracker`: gradient / parameter norms and the weight change against a device
   copy of the previous parameters, with fused multi-tensor norms.
-- :func:`_embedding_values`: variance, mean row norm, sampled cosine (the seed's draw) and
+- :func:`embedding_values`: variance, mean row norm, sampled cosine (the seed's draw) and
   non-finite row count of an embedding matrix.
 
 Epoch semantics (METRICS.md; the same as ``fastdiag.reference`` with ``count_mode="provided"``):
@@ -27,15 +27,11 @@ from torch import Tensor
 
 from fastdiag import ops
 from fastdiag.accumulator import Accumulator
-from fastdiag.ops import cosine as _cosine
+from fastdiag.ops import cosine_stats, effective_rank
 from fastdiag.ops import norms as _norms
-from fastdiag.ops import spectral as _spectral
 
 COSINE_SAMPLES = 100  # rows drawn by the seed's sampled cosine estimate
 
-# the public ops (``fastdiag.ops`` re-exports them; their modules until it does)
-cosine_stats = getattr(ops, "cosine_stats", _cosine.cosine_stats)
-effective_rank = getattr(ops, "effective_rank", _spectral.effective_rank)
 NONFINITE_ROWS = "health/nonfinite_rows"
 
 

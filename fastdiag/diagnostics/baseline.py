@@ -173,7 +173,9 @@ class BaselineAttentionDiagnostics:
     def get_epoch_stats(self, sync_dist: bool = False, process_group: Any = None) -> dict[str, float]:
         """Epoch values (``baseline/`` keys in catalogue order, then ``health/nonfinite_rows``).
 
-        One device->host copy; ``sync_dist`` / ``process_group`` sum over the ranks first.
+        One device->host copy; ``sync_dist`` / ``process_group`` sum over the ranks first (global
+        means). The previous top-k (the two Jaccards) and the previous attention parameters
+        (``attention_weight_change``) stay per rank: each rank's batch values use its own.
         """
         raw = self._epoch.compute(sync_dist, process_group)
         provided = self._epoch.provided

@@ -160,6 +160,7 @@ class SetDiagnostics:
         self._prev_epoch: dict[str, float] = {}
         self._prev_active: Tensor | None = None
         self._token_updates = 0  # updates with token_ids since reset()
+        self._token_grown = False  # the token table grew for this epoch's overflow
 
     @property
     def prev_router_params(self) -> dict[str, Tensor] | None:
@@ -179,6 +180,7 @@ class SetDiagnostics:
         self._epoch.reset()
         self._prev_active = None
         self._token_updates = 0
+        self._token_grown = False
 
     def update(self, bank_indices: Tensor, num_sets: int) -> None:
         """The original two-argument update: usage statistics only."""
@@ -347,7 +349,11 @@ class SetDiagnostics:
         """Epoch values (``ausa/`` keys in catalogue order, then ``health/nonfinite_rows``).
 
         One device->host copy. ``sync_dist`` / ``process_group``: sum the accumulator over the
-        ranks first. Also advances the ``delta_*`` epoch (one call = one epoch, as the seed).
+        ranks first (global means over every rank's batch values). State that is not a sum stays
+        per rank: the previous active set (``set_reuse_jaccard``), the token table
+        (``routing_consistency``) and the previous router parameters (``router_weight_change``):
+        each rank's batch values use its own.
+        Also advances the ``delta_*`` epoch (one call = one epoch, as the seed).
         Raises ValueError if ``bank_indices`` held an entry >= num_sets since ``reset()``.
         """
         tokens = self._tokens
@@ -357,8 +363,11 @@ class SetDiagnostics:
             {_OUT_OF_RANGE: "bank_indices must be < num_sets (or < 0 for padding); an update of "
              "this epoch held an entry >= num_sets (those entries were not counted)"},
         )
-        if raw.get(_TOKEN_OVERFLOW, 0.0) > 0:
-            max_id = raw.get(_TOKEN_MAX, 0.0)
+        max_id = raw.get(_TOKEN_MAX, 0.0)
+        # the overflow count stays in the sums until reset(): grow once for it, then again only
+        # for an id beyond the grown table (not at every call of an epoch that is not reset)
+        if raw.get(_TOKEN_OVERFLOW, 0.0) > 0 and (not self._token_grown or max_id >= tokens.capacity):
+            self._token_grown = True
             old = tokens.capacity
             tokens.grow(int(max_id) if math.isfinite(max_id) else 0)
             warnings.warn(
@@ -389,6 +398,7 @@ class SetDiagnostics:
             "prev_epoch": dict(self._prev_epoch),
             "token_table": self._tokens.state_dict(),
             "token_updates": self._token_updates,
+            "token_grown": self._token_grown,
             "cosine_samples": self.cosine_samples,
         }
 
@@ -400,4 +410,5 @@ class SetDiagnostics:
         self._prev_epoch = dict(state_dict["prev_epoch"])
         self._tokens.load_state_dict(state_dict["token_table"])
         self._token_updates = int(state_dict["token_updates"])
+        self._token_grown = bool(state_dict.get("token_grown", False))
         self.cosine_samples = check_cosine_samples(state_dict["cosine_samples"])

@@ -272,7 +272,9 @@ class MetricsLogger:
             with torch.no_grad():
                 for (device, dtype), (group_names, tensors) in groups.items():
                     if dtype.is_complex:
-                        raise TypeError(f"metric {group_names[0]!r} is a complex tensor")
+                        raise TypeError(
+                            f"metric {group_names[0]!r} must be a real-valued tensor, got dtype {dtype}"
+                        )
                     stacked = torch.stack([t if t.dim() == 0 else t.reshape(()) for t in tensors])
                     event = None
                     if device.type == "cuda":

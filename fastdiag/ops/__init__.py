@@ -6,7 +6,7 @@ Every op keeps its results on the input's device and picks its backend through
 * ``dist_stats``      every row statistic of a distribution tensor in one read
 * ``spectral_stats``  effective rank, stable rank, condition number ... of [..., rows, cols]
 * ``cosine_stats``    mean / max / max-abs off-diagonal cosine of the rows of [..., M, D]
-* ``usage_stats``     set / expert usage balance from index tensors (device bincount)
+* ``usage_stats``     set / expert usage balance from index tensors (integer counts on device)
 * ``jaccard``         top-k and active-set stability on device bitmaps
 * ``norms``           fused multi-tensor gradient / parameter norms
 """

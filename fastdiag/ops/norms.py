@@ -1,7 +1,9 @@
 """Fused multi-tensor norms for gradient / parameter health (``torch._foreach_norm``).
 
-Each function launches a constant number of multi-tensor kernels per (device, dtype) group,
-whatever the number of tensors, and returns device tensors (no host synchronisation).
+The norms launch a constant number of multi-tensor kernels per (device, dtype) group, whatever
+the number of tensors (half-precision inputs give float32 norms, so they cannot overflow);
+``nonfinite_counts`` runs one small counting pass per tensor. Every function returns device
+tensors (no host synchronisation).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ def _check(tensors: Sequence[Tensor], name: str) -> None:
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
 
 
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    # half-precision norms in their own dtype overflow to inf above 65504 (float16): float32 out
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
 def norms(tensors: Sequence[Tensor]) -> Tensor:
     """L2 norm of each tensor, float64 [len(tensors)] on the first tensor's device."""
     _check(tensors, "tensors")
@@ -28,10 +35,14 @@ def norms(tensors: Sequence[Tensor]) -> Tensor:
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     if len(groups) == 1:
-        return torch.stack(torch._foreach_norm([t.detach() for t in tensors])).to(device, torch.float64)
+        ((_, dtype),) = groups
+        part = torch._foreach_norm([t.detach() for t in tensors], 2, dtype=_norm_dtype(dtype))
+        return torch.stack(part).to(device, torch.float64)
     out = torch.empty(len(tensors), dtype=torch.float64, device=device)
-    for idx in groups.values():
-        part = torch.stack(torch._foreach_norm([tensors[i].detach() for i in idx]))
+    for (_, dtype), idx in groups.items():
+        part = torch.stack(
+            torch._foreach_norm([tensors[i].detach() for i in idx], 2, dtype=_norm_dtype(dtype))
+        )
         # host ints -> device without a blocking copy
         where = torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True)
         out[where] = part.to(device, torch.float64)
