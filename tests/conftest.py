@@ -6,6 +6,7 @@ be set before triton is first imported, so it is set here, at collection time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -45,3 +46,31 @@ def available_backends(device: str = "cpu") -> list[str]:
     if backends.triton_available() and (device == "cuda" or backends.triton_interpreting()):
         names.append("triton")
     return names
+
+
+SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__float__", "__bool__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def forbid_host_sync(counter: dict | None = None):
+    """Patch the Tensor methods that copy device data to the host: raise (or count) on a call."""
+    saved = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+
+    def make(name):
+        original = saved[name]
+
+        def patched(self, *args, **kwargs):
+            if counter is None:
+                raise AssertionError(f"host synchronisation: Tensor.{name} called during update")
+            counter[name] = counter.get(name, 0) + 1
+            return original(self, *args, **kwargs)
+
+        return patched
+
+    try:
+        for name in SYNC_METHODS:
+            setattr(torch.Tensor, name, make(name))
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)

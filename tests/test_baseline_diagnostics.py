@@ -16,14 +16,13 @@ import torch
 from fastdiag import reference, schema
 from fastdiag.diagnostics import BaselineAttentionDiagnostics
 from fastdiag.ops import jaccard
-from tests.conftest import available_backends
+from tests.conftest import available_backends, forbid_host_sync
 from tests.test_set_diagnostics import (
     ATOL,
     NONFINITE,
     RTOL,
     assert_stats_close,
     epochs_for,
-    forbid_host_sync,
     twin_generators,
 )
 

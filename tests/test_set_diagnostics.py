@@ -8,7 +8,6 @@ formulas. Also: the one documented deviation (count_mode="seed"), no host transf
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import warnings
@@ -19,7 +18,7 @@ import torch
 from fastdiag import reference, schema
 from fastdiag.diagnostics import SetDiagnostics
 from fastdiag.ops import jaccard, usage
-from tests.conftest import available_backends
+from tests.conftest import available_backends, forbid_host_sync
 
 BACKENDS = available_backends("cpu")
 RTOL, ATOL = 1e-4, 1e-6
@@ -40,34 +39,6 @@ def assert_stats_close(expected: dict, got: dict, extra: tuple[str, ...] = (NONF
             assert math.isnan(have), f"{key}: expected NaN, got {have}"
         else:
             assert have == pytest.approx(want, rel=RTOL, abs=ATOL), f"{key}: {have} != {want}"
-
-
-SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__float__", "__bool__", "__int__", "__index__")
-
-
-@contextlib.contextmanager
-def forbid_host_sync(counter: dict | None = None):
-    """Patch the Tensor methods that copy device data to the host: raise (or count) on a call."""
-    saved = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
-
-    def make(name):
-        original = saved[name]
-
-        def patched(self, *args, **kwargs):
-            if counter is None:
-                raise AssertionError(f"host synchronisation: Tensor.{name} called during update")
-            counter[name] = counter.get(name, 0) + 1
-            return original(self, *args, **kwargs)
-
-        return patched
-
-    try:
-        for name in SYNC_METHODS:
-            setattr(torch.Tensor, name, make(name))
-        yield
-    finally:
-        for name, original in saved.items():
-            setattr(torch.Tensor, name, original)
 
 
 def epochs_for(name: str) -> int:

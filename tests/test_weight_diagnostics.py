@@ -15,8 +15,8 @@ import torch
 
 from fastdiag import reference, schema
 from fastdiag.diagnostics import WeightDiagnostics
-from tests.conftest import available_backends
-from tests.test_set_diagnostics import ATOL, RTOL, assert_stats_close, forbid_host_sync
+from tests.conftest import available_backends, forbid_host_sync
+from tests.test_set_diagnostics import ATOL, RTOL, assert_stats_close
 
 BACKENDS = available_backends("cpu")
 
