@@ -19,7 +19,7 @@ defined is NaN. Keys starting with ``_`` are internal (error flags) and never re
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -79,6 +79,10 @@ class _Epoch:
     def compute(self, sync_dist: bool, process_group: Any) -> dict[str, float]:
         """Every registered mean (internal keys included): the one device->host copy."""
         return self.acc.compute(sync_dist=sync_dist, process_group=process_group)
+
+    def provided_values(self, raw: Mapping[str, float], keys: Sequence[str]) -> dict[str, float]:
+        """``raw`` restricted to the provided ``keys``, in the order of ``keys``."""
+        return {k: raw[k] for k in keys if k in self.provided and k in raw}
 
     def reset(self) -> None:
         self.acc.reset()

@@ -178,11 +178,7 @@ class BaselineAttentionDiagnostics:
         (``attention_weight_change``) stay per rank: each rank's batch values use its own.
         """
         raw = self._epoch.compute(sync_dist, process_group)
-        provided = self._epoch.provided
-        out = {k: raw[k] for k in schema.BASELINE_DIAGNOSTICS if k in provided and k in raw}
-        if NONFINITE_ROWS in provided:
-            out[NONFINITE_ROWS] = raw[NONFINITE_ROWS]
-        return out
+        return self._epoch.provided_values(raw, (*schema.BASELINE_DIAGNOSTICS, NONFINITE_ROWS))
 
     def state_dict(self) -> dict[str, Any]:
         """Sums, previous parameters and previous top-k (so a resumed run continues its Jaccards)."""

@@ -377,16 +377,13 @@ class SetDiagnostics:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        provided = self._epoch.provided
-        out = {k: raw[k] for k in schema.SET_DIAGNOSTICS if k in provided and k in raw}
+        keys = (*schema.SET_DIAGNOSTICS, NONFINITE_ROWS)
+        out = self._epoch.provided_values(raw, keys)
         for delta_key, base_key in _DELTAS.items():
             if base_key in out:
                 out[delta_key] = out[base_key] - self._prev_epoch.get(base_key, math.nan)
         self._prev_epoch = {base: out[base] for base in _DELTAS.values() if base in out}
-        out = {k: out[k] for k in schema.SET_DIAGNOSTICS if k in out}
-        if NONFINITE_ROWS in provided:
-            out[NONFINITE_ROWS] = raw[NONFINITE_ROWS]
-        return out
+        return {k: out[k] for k in keys if k in out}  # the deltas in catalogue order
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue its sums, deltas, Jaccards and table."""

@@ -151,11 +151,7 @@ class WeightDiagnostics:
             {_OUT_OF_RANGE: f"indices must be < num_sets (or < 0 for padding); an update of this "
              f"epoch of {self.prefix!r} held an entry >= num_sets (not counted)"},
         )
-        provided = self._epoch.provided
-        out = {key: raw[key] for key in self.keys if key in provided and key in raw}
-        if self.nonfinite_key in provided:
-            out[self.nonfinite_key] = raw[self.nonfinite_key]
-        return out
+        return self._epoch.provided_values(raw, (*self.keys, self.nonfinite_key))
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "prefix": self.prefix, "tau": self.tau, "eps": self.eps,
