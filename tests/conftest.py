@@ -7,6 +7,7 @@ be set before triton is first imported, so it is set here, at collection time.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import pytest
@@ -74,3 +75,12 @@ def forbid_host_sync(counter: dict | None = None):
     finally:
         for name, original in saved.items():
             setattr(torch.Tensor, name, original)
+
+
+def assert_same_epochs(want: list[dict[str, float]], got: list[dict[str, float]]) -> None:
+    """Epoch dicts equal key for key, bit for bit (NaN equals NaN)."""
+    assert len(want) == len(got)
+    for w, g in zip(want, got):
+        assert w.keys() == g.keys()
+        for key in w:
+            assert (math.isnan(w[key]) and math.isnan(g[key])) or w[key] == g[key], key

@@ -18,7 +18,7 @@ import torch
 from fastdiag import reference, schema
 from fastdiag.diagnostics import SetDiagnostics
 from fastdiag.ops import jaccard, usage
-from tests.conftest import available_backends, forbid_host_sync
+from tests.conftest import assert_same_epochs, available_backends, forbid_host_sync
 
 BACKENDS = available_backends("cpu")
 RTOL, ATOL = 1e-4, 1e-6
@@ -395,10 +395,7 @@ def test_state_dict_round_trip_resumes_identically():
         got.append(resumed.get_epoch_stats())
         straight.reset()
         resumed.reset()
-    for w, g in zip(want, got, strict=True):
-        assert w.keys() == g.keys()
-        for key in w:
-            assert (math.isnan(w[key]) and math.isnan(g[key])) or w[key] == g[key], key
+    assert_same_epochs(want, got)
 
 
 # ----------------------------------------------------------------------------------------------
