@@ -64,7 +64,8 @@ def _sources(with_cuda: bool) -> list[Path]:
     return files
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -81,7 +82,7 @@ def _build_dir(sources: list[Path], with_cuda: bool) -> tuple[str, Path]:
         digest.update(path.read_bytes())
     for header in sorted(source_dir().glob("*.h")):
         digest.update(header.read_bytes())
-    digest.update(f"{torch.__version__}|{platform.machine()}|{_cpu_model()}|{with_cuda}".encode())
+    digest.update(f"{torch.__version__}|{platform.machine()}|{cpu_model()}|{with_cuda}".encode())
     tag = digest.hexdigest()[:16]
     root = Path(os.environ.get("FASTDIAG_CACHE_DIR", Path.home() / ".cache" / "fastdiag"))
     name = "fastdiag_ext_cuda" if with_cuda else "fastdiag_ext"
