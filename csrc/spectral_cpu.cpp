@@ -4,12 +4,13 @@
 // and is shared with the CUDA kernel (spectral_cuda.cu, glued in spectral_cuda_glue.cpp).
 // Contract: fastdiag/ops/spectral.py (public wrapper, torch fallback = executable spec).
 //
-// Op: spectral_stats(x [..., rows, cols] float32/float16/bfloat16/float64, any strides)
+// Op: spectral_stats(x [..., rows, cols] float32/float16/bfloat16/float64, any strides,
+//                    method "auto" | "jacobi" | "tridiagonal"; "auto" is "tridiagonal" here)
 //   -> (stats f64[..., 5]   effective_rank, effective_rank_ratio, top1_singular_share,
 //                            stable_rank, condition_number (NaN where nonfinite > 0),
 //       sigma f64[..., r]   singular values, descending, r = min(rows, cols),
 //       nonfinite i64[...]  count of NaN / inf entries of each matrix,
-//       sweeps i32[...]     Jacobi sweeps run for each matrix)
+//       sweeps i32[...]     Jacobi sweeps run for each matrix (0 for "tridiagonal"))
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -61,12 +62,18 @@ struct SimdRowOps {
   static void scale(double* x, int n8, double s) {
     for (int i = 0; i < n8; i += 8) store8(x + i, load8(x + i) * s);
   }
+  static void rank2(double* x, const double* v, const double* w, int n8, double a, double b) {
+    for (int i = 0; i < n8; i += 8) store8(x + i, load8(x + i) - (a * load8(w + i) + b * load8(v + i)));
+  }
 };
+
+enum class Method { kJacobi, kTridiagonal };
 
 struct Workspace {
   std::vector<double> a;      // n x n8: Gram, then R (rows zero-padded to n8)
   std::vector<double> panel;  // n4 x kPanel
   std::vector<double> sigma, scale, inv_scale, norm2, coef;  // n each
+  std::vector<double> diag, offdiag, u, z;                    // n8 each (tridiagonal)
   int n = -1;
   void resize(int n_) {
     if (n_ == n) return;
@@ -79,13 +86,18 @@ struct Workspace {
     norm2.assign(n, 0.0);
     inv_scale.assign(n, 1.0);
     coef.assign(2 * (n / 2 + 1), 0.0);
+    diag.assign(n8, 0.0);
+    offdiag.assign(n8, 0.0);
+    u.assign(n8, 0.0);
+    z.assign(n8, 0.0);
   }
 };
 
 // One matrix: Y[i, k] = x[i * sn + k * sm], i < n (short side), k < m (long side).
 template <typename T>
 void spectral_one(const T* x, int n, int64_t m, int64_t sn, int64_t sm, Workspace& ws,
-                  double* stats, double* sigma_out, int64_t* nonfinite_out, int32_t* sweeps_out) {
+                  Method method, double* stats, double* sigma_out, int64_t* nonfinite_out,
+                  int32_t* sweeps_out) {
   ws.resize(n);
   const int n4 = (n + 3) / 4 * 4, n8 = (n + 7) / 8 * 8;
   double* a = ws.a.data();
@@ -132,21 +144,42 @@ void spectral_one(const T* x, int n, int64_t m, int64_t sn, int64_t sm, Workspac
 
   double max_diag = 0.0;
   for (int i = 0; i < n; ++i) max_diag = std::max(max_diag, a[(int64_t)i * n8 + i]);
-  const double cut = sp::rank_cut(n, max_diag);
-  const int k = sp::pivoted_cholesky(a, n, n8, cut);
-  double* norm2 = ws.norm2.data();
-  *sweeps_out =
-      sp::jacobi_rows<SimdRowOps>(a, k, n8, n8, ws.scale.data(), ws.inv_scale.data(), norm2,
-                                  ws.coef.data());
+  double* lambda = ws.norm2.data();  // eigenvalues of G, lambda[i] for i < n
+  bool failed = false;
+  *sweeps_out = 0;
+  if (!(max_diag > 0.0)) {
+    std::fill(lambda, lambda + n, 0.0);  // zero matrix
+  } else if (method == Method::kJacobi) {
+    const int k = sp::pivoted_cholesky(a, n, n8, sp::rank_cut(n, max_diag));
+    *sweeps_out = sp::jacobi_rows<SimdRowOps>(a, k, n8, n8, ws.scale.data(),
+                                              ws.inv_scale.data(), lambda, ws.coef.data());
+    std::fill(lambda + k, lambda + n, 0.0);
+  } else {
+    // scaled to max diag 1, so the QR steps' absolute thresholds are scale-free
+    const double inv = 1.0 / max_diag;
+    for (int i = 0; i < n; ++i) SimdRowOps::scale(a + (int64_t)i * n8, n8, inv);
+    double* d = ws.diag.data();
+    sp::householder_tridiagonal<SimdRowOps>(a, n, n8, d, ws.offdiag.data(), ws.u.data(),
+                                            ws.z.data());
+    failed = sp::tridiagonal_eigenvalues(d, ws.offdiag.data(), n) < 0;
+    for (int i = 0; i < n; ++i) lambda[i] = d[i] * max_diag;
+  }
+  double lambda_max = 0.0;
+  for (int i = 0; i < n; ++i) lambda_max = std::max(lambda_max, lambda[i]);
+  const double cut = sp::eigen_cut(n, lambda_max);
 
   double* sigma = ws.sigma.data();
   sp::SigmaSums sums;
   sp::sigma_init(&sums);
   for (int i = 0; i < n; ++i) {
-    sigma[i] = sp::sigma_from_lambda(i < k ? norm2[i] : 0.0, cut);
+    sigma[i] = sp::sigma_from_lambda(lambda[i], cut);
     sp::sigma_add(&sums, sigma[i]);
   }
   sp::stats_finalize(sums, n, stats);
+  if (failed) {
+    sp::stats_nonfinite(stats);
+    for (int i = 0; i < n; ++i) sigma[i] = sp::nan_value();
+  }
   std::sort(sigma, sigma + n, std::greater<double>());
   std::copy(sigma, sigma + n, sigma_out);
 }
@@ -190,8 +223,16 @@ void spectral_check_input(const at::Tensor& x) { check_input(x); }
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_stats_cpu(
-    const at::Tensor& x_in) {
+    const at::Tensor& x_in, c10::string_view method_name) {
   check_input(x_in);
+  Method method = Method::kTridiagonal;
+  if (method_name == "jacobi") {
+    method = Method::kJacobi;
+  } else {
+    TORCH_CHECK(method_name == "auto" || method_name == "tridiagonal",
+                "spectral_stats: method must be 'auto', 'jacobi' or 'tridiagonal', got '",
+                method_name, "'");
+  }
   auto out = fastdiag::spectral_outputs(x_in);
   const int64_t rows = x_in.size(-2), cols = x_in.size(-1);
   const at::Tensor x = x_in.reshape({-1, rows, cols});
@@ -213,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_stats_cpu(
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       Workspace ws;
       for (int64_t b = begin; b < end; ++b) {
-        spectral_one<scalar_t>(base + b * sb, n, m, sn, sm, ws, stats + b * sp::kNumStats,
+        spectral_one<scalar_t>(base + b * sb, n, m, sn, sm, ws, method, stats + b * sp::kNumStats,
                                sigma + b * n, nonfinite + b, sweeps + b);
       }
     });
@@ -225,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_stats_cpu(
 
 TORCH_LIBRARY_FRAGMENT(fastdiag, m) {
   m.def(
-      "spectral_stats(Tensor x) -> (Tensor stats, Tensor sigma, Tensor nonfinite, Tensor sweeps)");
+      "spectral_stats(Tensor x, str method=\"auto\") -> (Tensor stats, Tensor sigma, Tensor nonfinite, Tensor sweeps)");
 }
 
 TORCH_LIBRARY_IMPL(fastdiag, CPU, m) { m.impl("spectral_stats", &spectral_stats_cpu); }

@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  // 3. cut from the largest diagonal entry
+  // 3. rank_cut (the Cholesky stop) from the largest diagonal entry
   double dmax = 0.0;
   for (int i = tid; i < n; i += kThreads) dmax = fmax(dmax, A[(int64_t)i * n + i]);
   sc.red[tid] = dmax;
@@ -244,11 +244,21 @@ __global__ void __launch_bounds__(kThreads)
     refresh();
   }
 
-  // 6. statistics and the sorted singular values
+  // 6. eigen_cut from the largest eigenvalue, then the statistics and the sorted singular values
+  double lmax = 0.0;
+  for (int i = tid; i < rank; i += kThreads) lmax = fmax(lmax, sc.a2[i]);
+  sc.red[tid] = lmax;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w >>= 1) {
+    if (tid < w) sc.red[tid] = fmax(sc.red[tid], sc.red[tid + w]);
+    __syncthreads();
+  }
+  const double lcut = sp::eigen_cut(n, sc.red[0]);
+  __syncthreads();  // sc.red is reused below
   sp::SigmaSums acc;
   sp::sigma_init(&acc);
   for (int i = tid; i < n; i += kThreads) {
-    const double sg = sp::sigma_from_lambda(i < rank ? sc.a2[i] : 0.0, cut);
+    const double sg = sp::sigma_from_lambda(i < rank ? sc.a2[i] : 0.0, lcut);
     sc.sigma[i] = sg;
     sp::sigma_add(&acc, sg);
   }

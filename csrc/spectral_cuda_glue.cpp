@@ -46,8 +46,12 @@ int dtype_code(at::ScalarType st) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_stats_cuda(
-    const at::Tensor& x_in) {
+    const at::Tensor& x_in, c10::string_view method) {
   fastdiag::spectral_check_input(x_in);
+  // one kernel on CUDA: the Jacobi method, whose rotations a thread block runs in parallel
+  TORCH_CHECK(method == "auto" || method == "jacobi",
+              "spectral_stats: method must be 'auto' or 'jacobi' for CUDA tensors, got '", method,
+              "'");
   const c10::cuda::CUDAGuard guard(x_in.device());
   auto out = fastdiag::spectral_outputs(x_in);
   const int64_t rows = x_in.size(-2), cols = x_in.size(-1);

@@ -1,8 +1,9 @@
 """fastdiag.ops.spectral_stats / effective_rank against numpy.linalg.svd in float64.
 
-The C++ op (``fastdiag::spectral_stats``, the Jacobi math of csrc/spectral.h) runs on CPU
-tensors; the torch path (LAPACK eigvalsh, and the batched torch Jacobi used for CUDA tensors
-without the extension) is checked against the same golden values.
+The C++ op (``fastdiag::spectral_stats``, the math of csrc/spectral.h) runs on CPU tensors with
+both eigenvalue methods: "jacobi" (the CUDA kernel's method) and "tridiagonal" (the CPU default).
+The torch path (LAPACK eigvalsh, and the batched torch Jacobi used for CUDA tensors without the
+extension) is checked against the same golden values.
 """
 
 from __future__ import annotations
@@ -37,13 +38,35 @@ def _have_toolchain() -> bool:
 
 
 @pytest.fixture(scope="module")
-def op():
+def loaded():
     """The C++ op; a build failure fails the tests (skip only without a compiler / ninja)."""
     if not _have_toolchain():
         pytest.skip("no C++ compiler or ninja: the extension cannot be built here")
-    loaded = spectral._loaded_op()
-    assert loaded is not None, "the C++ extension failed to build or load (see the warning)"
-    return loaded
+    op = spectral._loaded_op()
+    assert op is not None, "the C++ extension failed to build or load (see the warning)"
+    return op
+
+
+class MethodOp:
+    """The C++ op with its eigenvalue method bound: ``op(x)`` -> the op's four outputs."""
+
+    def __init__(self, op, method: str) -> None:
+        self.op, self.method = op, method
+
+    def __call__(self, x: torch.Tensor) -> tuple:
+        return self.op(x, self.method)
+
+    def check_sweeps(self, sweeps: torch.Tensor, low: int, high: int) -> None:
+        """Jacobi ran low..high sweeps; the tridiagonal method reports none."""
+        if self.method == "jacobi":
+            assert ((sweeps >= low) & (sweeps <= high)).all(), sweeps
+        else:
+            assert (sweeps == 0).all(), sweeps
+
+
+@pytest.fixture(params=["jacobi", "tridiagonal"])
+def op(loaded, request):
+    return MethodOp(loaded, request.param)
 
 
 def golden(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +140,8 @@ def test_identity_and_orthogonal_rows(op):
     for n in (1, 2, 17, 64):
         stats, sigma, _, sweeps = op(torch.eye(n))
         np.testing.assert_allclose(stats.numpy(), [n, 1.0, 1.0 / n, n, 1.0], rtol=1e-12)
-        assert sweeps.item() == (1 if n > 1 else 0)  # one sweep finds every pair orthogonal
+        one = 1 if n > 1 else 0
+        op.check_sweeps(sweeps, one, one)  # one sweep finds every pair orthogonal
     q, _ = torch.linalg.qr(gaussian(100, 30, dtype=torch.float64))
     x = (3.0 * q.T).to(torch.float32)  # 30 orthogonal rows of length 3 in R^100
     stats, *_ = op(x)
@@ -168,7 +192,7 @@ def test_ill_conditioned(op):
         # relative error of sigma_i from the Gram: ~eps64 (sigma_1 / sigma_i)^2
         resolved = want_sig > 1e-3 * want_sig[0]
         np.testing.assert_allclose(sigma.numpy()[resolved], want_sig[resolved], rtol=1e-7)
-        assert 0 < sweeps.item() <= 15
+        op.check_sweeps(sweeps, 1, 15)
 
 
 def test_mixed_batch(op):
@@ -204,15 +228,14 @@ def test_sweep_count_is_bounded(op):
         with_spectrum(64, 90, 1 + 1e-4 * gaussian(64, dtype=torch.float64), 5).float(),  # cluster
     ]
     for x in cases:
-        sweeps = op(x)[3].item()
-        assert 1 <= sweeps <= 12, sweeps
+        op.check_sweeps(op(x)[3], 1, 12)
     assert MAX_SWEEPS > 12
 
 
 # ---- the public wrapper -----------------------------------------------------------------------
 
 
-def test_public_api(op):
+def test_public_api(loaded):
     x = gaussian(3, 16, 40)
     out = spectral_stats(x)
     assert isinstance(out, SpectralStats)
@@ -233,7 +256,7 @@ def test_public_api(op):
     assert spectral_stats(gaussian(7, 9)).effective_rank.shape == ()
 
 
-def test_requires_grad_input(op):
+def test_requires_grad_input(loaded):
     x = gaussian(2, 8, 20).requires_grad_()
     out = spectral_stats(x)
     assert not out.effective_rank.requires_grad
@@ -255,12 +278,12 @@ def test_bad_input(bad, match):
         spectral_stats([[1.0, 2.0]])
 
 
-def test_empty_batch(op):
+def test_empty_batch(loaded):
     out = spectral_stats(torch.ones(0, 3, 4))
     assert out.effective_rank.shape == (0,)
 
 
-def test_torch_backend_matches(op, backend):
+def test_torch_backend_matches(loaded, backend):
     x = gaussian(4, 20, 50)
     x[1, 0, 0] = float("nan")
     backend("torch")
@@ -299,7 +322,7 @@ def test_too_large_falls_back_with_one_warning(monkeypatch):
         warnings.simplefilter("always")
         out = spectral_raw(x)
         spectral_raw(x)
-        small = spectral_raw(x[:, :8])
+        small = spectral_raw(x[:, :8], "jacobi")
     assert sum("both sides larger than 8" in str(w.message) for w in caught) == 1
     assert (out[3] == 0).all()  # the torch path ran
     assert (small[3] > 0).all() or spectral._loaded_op() is None  # min side 8: the kernel ran
@@ -313,16 +336,46 @@ def test_kernel_limit_matches(op):
         op(torch.zeros(1025, 1025))
 
 
+def test_method_argument(loaded):
+    x = gaussian(2, 6, 9)
+    with pytest.raises(ValueError, match="'qr'"):
+        spectral_stats(x, method="qr")
+    with pytest.raises(RuntimeError, match="'qr'"):
+        loaded(x, "qr")
+    # "auto" is "tridiagonal" on the CPU
+    auto, tri, jac = (spectral_raw(x, m) for m in ("auto", "tridiagonal", "jacobi"))
+    for a, b in zip(auto, tri, strict=True):
+        assert torch.equal(a, b)
+    assert (jac[3] > 0).all() and (tri[3] == 0).all()
+    torch.testing.assert_close(jac[0], tri[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(effective_rank(x, "jacobi"), spectral_stats(x).effective_rank)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 16, 33])
+def test_rank_one_small_and_clusters(op, n):
+    """Noise of the eigenvalue solver stays below eigen_cut at every size; exact clusters."""
+    g = torch.Generator().manual_seed(n)
+    scale = torch.randint(-2, 3, (n, 1), generator=g).double()
+    scale[0] = 1.0
+    x = scale * torch.arange(1.0, 2 * n + 2)  # integer multiples of one row: rank one exactly
+    stats, sigma, _, _ = op(x)
+    assert stats[0].item() == pytest.approx(1.0, rel=1e-12)
+    assert (sigma[1:] == 0).all()
+    stats, *_ = op(3.0 * torch.eye(n, 2 * n))  # n equal singular values
+    np.testing.assert_allclose(stats.numpy(), [n, 1.0, 1.0 / n, n, 1.0], rtol=1e-12)
+
+
 # ---- op registration, torch.compile -------------------------------------------------------------
 
 
-def test_opcheck(op):
+def test_opcheck(loaded):
     x = gaussian(3, 6, 11)
-    torch.library.opcheck(op, (x,))
-    torch.library.opcheck(op, (gaussian(2, 2, 9, 4).to(torch.bfloat16),))
+    torch.library.opcheck(loaded, (x,))
+    torch.library.opcheck(loaded, (x, "jacobi"))
+    torch.library.opcheck(loaded, (gaussian(2, 2, 9, 4).to(torch.bfloat16), "tridiagonal"))
 
 
-def test_torch_compile_fullgraph(op):
+def test_torch_compile_fullgraph(loaded):
     torch._dynamo.reset()
     x = gaussian(4, 10, 24)
     compiled = torch.compile(spectral_stats, fullgraph=True, backend="aot_eager")
