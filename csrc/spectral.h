@@ -184,47 +184,6 @@ struct RowOps {
   }
 };
 
-// ---- Gram matrix ----------------------------------------------------------------------------
-// Adds Y[:, k0:k0+kc] Y[:, k0:k0+kc]^T into g (n x n, leading dimension ldg) from a dense
-// float64 panel buf (rows padded to a multiple of 4 with zeros, leading dimension ldb, kc
-// padded to a multiple of 8 with zeros). 4 x 4 register tiles of 8-wide partial sums; only
-// tiles on or above the diagonal are computed, then mirrored by the caller (gram_mirror).
-FD_HD void gram_panel_accumulate(const double* buf, int n4, int ldb, int kc, double* g, int ldg,
-                                 int n) {
-  for (int i0 = 0; i0 < n4; i0 += 4) {
-    for (int j0 = i0; j0 < n4; j0 += 4) {
-      double acc[4][4][8];
-      for (int u = 0; u < 4; ++u)
-        for (int v = 0; v < 4; ++v)
-          for (int l = 0; l < 8; ++l) acc[u][v][l] = 0.0;
-      const double* a0 = buf + (int64_t)i0 * ldb;
-      const double* b0 = buf + (int64_t)j0 * ldb;
-      for (int k = 0; k < kc; k += 8) {
-        for (int u = 0; u < 4; ++u) {
-          for (int v = 0; v < 4; ++v) {
-            for (int l = 0; l < 8; ++l) {
-              acc[u][v][l] += a0[(int64_t)u * ldb + k + l] * b0[(int64_t)v * ldb + k + l];
-            }
-          }
-        }
-      }
-      for (int u = 0; u < 4; ++u) {
-        for (int v = 0; v < 4; ++v) {
-          const int i = i0 + u, j = j0 + v;
-          if (i >= n || j >= n || j < i) continue;
-          double s = 0.0;
-          for (int l = 0; l < 8; ++l) s += acc[u][v][l];
-          g[(int64_t)i * ldg + j] += s;
-        }
-      }
-    }
-  }
-}
-FD_HD void gram_mirror(double* g, int n, int ldg) {
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < i; ++j) g[(int64_t)i * ldg + j] = g[(int64_t)j * ldg + i];
-}
-
 // ---- pivoted Cholesky, one step -------------------------------------------------------------
 // A is the full symmetric n x n working matrix (leading dimension lda), already holding rows
 // 0..k-1 of R in its upper part. After pivot j (>= k, largest remaining diagonal) has been
@@ -396,53 +355,97 @@ FD_HD void householder_tridiagonal(double* A, int n, int ld, double* d, double* 
 // Eigenvalues of the symmetric tridiagonal (d [n], e [n - 1]) into d, unsorted; e is destroyed.
 // Implicit QR steps with the Wilkinson shift on the bottom unreduced block (Golub and Van Loan,
 // Algorithm 8.3.2), chasing the bulge with Givens rotations. e[i] is set to zero when
-// |e[i]| <= eps64 (|d[i]| + |d[i + 1]|) or <= tiny (callers scale T to norm ~1, so an entry of
-// 1e-20 moves the eigenvalues far less than eigen_cut). Returns the QR steps taken, or -1 if
-// 30 n steps did not converge (never seen; the caller then reports NaN).
-FD_HD int tridiagonal_eigenvalues(double* d, double* e, int n) {
-  constexpr double kTiny = 1e-20;
-  const int max_steps = 30 * n;
-  int steps = 0;
-  int hi = n - 1;
-  while (hi > 0) {
-    const double eb = fabs(e[hi - 1]);
-    if (eb <= kEps * (fabs(d[hi - 1]) + fabs(d[hi])) || eb <= kTiny) {
-      --hi;  // d[hi] is an eigenvalue
-      continue;
+// |e[i]| <= eps64 (|d[i]| + |d[i + 1]|) or <= kTinyOffdiag (callers scale T to norm ~1, so an
+// entry of 1e-20 moves the eigenvalues far less than eigen_cut). At most 30 n QR steps (never
+// reached in practice; then `failed` is set and the caller reports NaN).
+//
+// The iteration is a state machine advanced one rotation per tick, because each rotation
+// depends on the previous one (a sqrt and a division deep): one thread interleaving the ticks
+// of several matrices keeps that many independent chains in flight.
+constexpr double kTinyOffdiag = 1e-20;
+struct TridiagonalQR {
+  double* d;
+  double* e;
+  int hi;      // d[hi + 1..] are eigenvalues; done when hi == 0
+  int k;       // next rotation of the current QR step (k < end), or -1 between steps
+  int lo, end;  // the current step's unreduced block is [lo, end]
+  int steps;   // QR steps started
+  int max_steps;
+  bool failed;
+  double x, z;  // the entries the next rotation zeroes against each other
+};
+FD_HD void tridiagonal_qr_init(TridiagonalQR* s, double* d, double* e, int n) {
+  s->d = d;
+  s->e = e;
+  s->hi = n - 1;
+  s->k = -1;
+  s->lo = s->end = 0;
+  s->steps = 0;
+  s->max_steps = 30 * n;
+  s->failed = false;
+  s->x = s->z = 0.0;
+}
+FD_HD bool negligible_offdiag(const double* d, const double* e, int i) {
+  const double a = fabs(e[i]);
+  return a <= kEps * (fabs(d[i]) + fabs(d[i + 1])) || a <= kTinyOffdiag;
+}
+// One tick: a rotation of the current QR step, or (between steps) deflation and the start of
+// the next step. Returns false once every eigenvalue is found (or the iteration failed).
+FD_HD bool tridiagonal_qr_tick(TridiagonalQR* s) {
+  double* d = s->d;
+  double* e = s->e;
+  if (s->k < 0) {
+    while (s->hi > 0 && negligible_offdiag(d, e, s->hi - 1)) --s->hi;
+    const int hi = s->hi;
+    if (hi == 0) return false;
+    if (++s->steps > s->max_steps) {
+      s->failed = true;
+      return false;
     }
     int lo = hi - 1;
-    while (lo > 0) {
-      const double el = fabs(e[lo - 1]);
-      if (el <= kEps * (fabs(d[lo - 1]) + fabs(d[lo])) || el <= kTiny) break;
-      --lo;
-    }
-    if (++steps > max_steps) return -1;
+    while (lo > 0 && !negligible_offdiag(d, e, lo - 1)) --lo;
     // Wilkinson shift: the eigenvalue of the trailing 2 x 2 nearer to d[hi]
     const double half_gap = 0.5 * (d[hi - 1] - d[hi]);
     const double b2 = e[hi - 1] * e[hi - 1];
     const double root = sqrt(half_gap * half_gap + b2);
     const double mu = d[hi] - b2 / (half_gap + (half_gap >= 0.0 ? root : -root));
-    // rotation R = [[c, s], [-s, c]] on rows / columns (k, k + 1): T <- R T R^T
-    double x = d[lo] - mu, z = e[lo], bulge = 0.0;
-    for (int k = lo; k < hi; ++k) {
-      const double r = sqrt(x * x + z * z);
-      const double c = r > 0.0 ? x / r : 1.0;
-      const double s = r > 0.0 ? z / r : 0.0;
-      if (k > lo) e[k - 1] = r;
-      const double a = d[k], b = e[k], dn = d[k + 1];
-      const double cs = c * s, cc = c * c, ss = s * s;
-      d[k] = cc * a + 2.0 * cs * b + ss * dn;
-      d[k + 1] = ss * a - 2.0 * cs * b + cc * dn;
-      e[k] = cs * (dn - a) + (cc - ss) * b;
-      if (k + 1 < hi) {
-        bulge = s * e[k + 1];
-        e[k + 1] *= c;
-      }
-      x = e[k];
-      z = bulge;
-    }
+    s->x = d[lo] - mu;
+    s->z = e[lo];
+    s->k = s->lo = lo;
+    s->end = hi;
+    return true;
   }
-  return steps;
+  // rotation R = [[c, s], [-s, c]] on rows / columns (k, k + 1), T <- R T R^T, chosen so that
+  // R [x, z]^T = [r, 0]^T: at k > lo, x and z are T[k, k-1] and the bulge T[k+1, k-1]
+  const int k = s->k;
+  const double x = s->x, z = s->z;
+  const double r = sqrt(x * x + z * z);
+  const double inv = r > 0.0 ? 1.0 / r : 0.0;
+  const double c = r > 0.0 ? x * inv : 1.0;
+  const double sn = z * inv;
+  if (k > s->lo) e[k - 1] = r;
+  const double a = d[k], b = e[k], dn = d[k + 1];
+  const double cs = c * sn, cc = c * c, ss = sn * sn;
+  d[k] = cc * a + 2.0 * cs * b + ss * dn;
+  d[k + 1] = ss * a - 2.0 * cs * b + cc * dn;
+  e[k] = cs * (dn - a) + (cc - ss) * b;
+  double bulge = 0.0;
+  if (k + 1 < s->end) {
+    bulge = sn * e[k + 1];
+    e[k + 1] *= c;
+  }
+  s->x = e[k];
+  s->z = bulge;
+  s->k = k + 1 < s->end ? k + 1 : -1;
+  return true;
+}
+// The whole iteration for one matrix; returns the QR steps taken, or -1 on failure.
+FD_HD int tridiagonal_eigenvalues(double* d, double* e, int n) {
+  TridiagonalQR s;
+  tridiagonal_qr_init(&s, d, e, n);
+  while (tridiagonal_qr_tick(&s)) {
+  }
+  return s.failed ? -1 : s.steps;
 }
 
 // ---- statistics from the eigenvalues of G ---------------------------------------------------
