@@ -11,7 +11,8 @@
 //                            stable_rank, condition_number (NaN where nonfinite > 0),
 //       sigma f64[..., r]   singular values, descending, r = min(rows, cols),
 //       nonfinite i64[...]  count of NaN / inf entries of each matrix,
-//       sweeps i32[...]     Jacobi sweeps run for each matrix (0 for "tridiagonal"))
+//       iterations i32[...] per matrix: Jacobi sweeps ("jacobi") or implicit QR steps
+//                           ("tridiagonal"); 0 for zero and non-finite matrices)
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -197,7 +198,7 @@ void finish(const double* lambda, int n, bool failed, Workspace& ws, double* sta
 template <typename T>
 void spectral_range(const T* base, int64_t begin, int64_t end, int64_t sb, int n, int64_t m,
                     int64_t sn, int64_t sm, Method method, Workspace& ws, double* stats,
-                    double* sigma, int64_t* nonfinite, int32_t* sweeps) {
+                    double* sigma, int64_t* nonfinite, int32_t* iterations) {
   ws.resize(n);
   const int n8 = (n + 7) / 8 * 8;
   double* a = ws.a.data();
@@ -209,7 +210,7 @@ void spectral_range(const T* base, int64_t begin, int64_t end, int64_t sb, int n
     for (int j = 0; j < count; ++j) {
       const int64_t b = g0 + j;
       double* lambda = ws.lambda.data() + (int64_t)j * n8;
-      sweeps[b] = 0;
+      iterations[b] = 0;
       nonfinite[b] = gram_matrix<T>(base + b * sb, n, m, sn, sm, ws);
       if (nonfinite[b] > 0) continue;
       double md = 0.0;
@@ -219,7 +220,7 @@ void spectral_range(const T* base, int64_t begin, int64_t end, int64_t sb, int n
         std::fill(lambda, lambda + n, 0.0);  // zero matrix
       } else if (method == Method::kJacobi) {
         const int k = sp::pivoted_cholesky(a, n, n8, sp::rank_cut(n, md));
-        sweeps[b] = sp::jacobi_rows<SimdRowOps>(a, k, n8, n8, ws.scale.data(),
+        iterations[b] = sp::jacobi_rows<SimdRowOps>(a, k, n8, n8, ws.scale.data(),
                                                 ws.inv_scale.data(), lambda, ws.coef.data());
         std::fill(lambda + k, lambda + n, 0.0);
       } else {
@@ -251,6 +252,7 @@ void spectral_range(const T* base, int64_t begin, int64_t end, int64_t sb, int n
         const double* d = ws.diag.data() + (int64_t)j * n8;
         for (int i = 0; i < n; ++i) lambda[i] = d[i] * max_diag[j];
         failed = qr[j].failed;
+        iterations[b] = qr[j].steps;
       }
       finish(lambda, n, failed, ws, stats + b * sp::kNumStats, sigma + b * n);
     }
@@ -320,14 +322,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_stats_cpu(
   double* stats = out[0].data_ptr<double>();
   double* sigma = out[1].data_ptr<double>();
   int64_t* nonfinite = out[2].data_ptr<int64_t>();
-  int32_t* sweeps = out[3].data_ptr<int32_t>();
+  int32_t* iterations = out[3].data_ptr<int32_t>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spectral_stats", [&] {
     const scalar_t* base = x.data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       Workspace ws;
       spectral_range<scalar_t>(base, begin, end, sb, n, m, sn, sm, method, ws, stats, sigma,
-                               nonfinite, sweeps);
+                               nonfinite, iterations);
     });
   });
   return {out[0], out[1], out[2], out[3]};
@@ -337,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_stats_cpu(
 
 TORCH_LIBRARY_FRAGMENT(fastdiag, m) {
   m.def(
-      "spectral_stats(Tensor x, str method=\"auto\") -> (Tensor stats, Tensor sigma, Tensor nonfinite, Tensor sweeps)");
+      "spectral_stats(Tensor x, str method=\"auto\") -> (Tensor stats, Tensor sigma, Tensor nonfinite, Tensor iterations)");
 }
 
 TORCH_LIBRARY_IMPL(fastdiag, CPU, m) { m.impl("spectral_stats", &spectral_stats_cpu); }

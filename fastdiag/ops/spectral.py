@@ -87,8 +87,9 @@ def effective_rank(x: Tensor, method: str = "auto") -> Tensor:
 
 def spectral_raw(x: Tensor, method: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The op's raw outputs: ``(stats f64[..., 5], sigma f64[..., r] descending,
-    nonfinite i64[...], sweeps i32[...])``; ``sweeps`` counts Jacobi sweeps (0 for the
-    ``"tridiagonal"`` method and on the torch path)."""
+    nonfinite i64[...], iterations i32[...])``; ``iterations`` counts the Jacobi sweeps
+    (``"jacobi"``) or implicit QR steps (``"tridiagonal"``) of each matrix, 0 on the torch path
+    with LAPACK."""
     _check(x)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -200,8 +201,8 @@ def spectral_torch(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same outputs as the op from the float64 Gram matrix in plain torch: LAPACK's
     ``eigvalsh`` for CPU tensors; for other devices (CUDA without the extension) a batched
     two-sided Jacobi in torch ops, because ``torch.linalg.eigvalsh`` checks its LAPACK info on
-    the host there (a synchronisation) and torch has no ``_ex`` variant of it. ``sweeps`` reports
-    the Jacobi sweeps run (0 for LAPACK)."""
+    the host there (a synchronisation) and torch has no ``_ex`` variant of it. ``iterations``
+    reports the Jacobi sweeps run (0 for LAPACK)."""
     rows, cols = x.shape[-2], x.shape[-1]
     r = min(rows, cols)
     xd = x.to(torch.float64)
