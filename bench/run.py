@@ -5,7 +5,8 @@
     python bench/run.py -k 8x12x512x512               # pytest -k filter
 
 The device is the GPU's name when the dist_stats benchmarks ran on CUDA, else the CPU model,
-sanitised into a file name. For ``dist_stats`` rows (see ``bench_dist_stats.py``):
+sanitised into a file name. Rows of benchmark files not run this time are kept from that
+file's previous contents (``dates`` says when each file ran). For ``dist_stats`` rows (see ``bench_dist_stats.py``):
 
 * ``time``: the minimum over the rounds (CUDA: the ``do_bench`` median, CUDA events);
 * ``GB/s``: bytes of ``x`` read (``copy``: read + written) / time;
@@ -145,6 +146,21 @@ def table(rows: list[dict], others: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge(old: dict, new: dict) -> dict:
+    """``new`` plus the rows of ``old`` (the same device's previous results) from benchmark
+    files this run did not repeat; ``dates`` says when each file last ran."""
+    rerun = set(new["files"])
+    if "bench/bench_dist_stats.py" not in rerun:
+        new["dist_stats"] = old.get("dist_stats", [])
+    kept = [o for o in old.get("other", []) if o["name"].split("::")[0] not in rerun]
+    new["other"] = kept + new["other"]
+    dates = dict(old.get("dates", {f: old.get("date") for f in old.get("files", [])}))
+    dates.update({f: new["date"] for f in rerun})
+    new["dates"] = dates
+    new["files"] = sorted(dates)
+    return new
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="*", help="benchmark files (default: bench/bench_*.py)")
@@ -172,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{sanitise(str(device))}.json"
+    if path.exists():
+        result = merge(json.loads(path.read_text()), result)
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(
         f"\n{device} ({info['cpu_count']} CPUs, torch {info['torch']}, {info['torch_threads']} threads)\n"
