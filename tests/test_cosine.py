@@ -262,3 +262,27 @@ def test_no_host_transfer(backend, use_backend):
     with forbid_host_sync():
         cosine_stats(x)
         cosine_stats(x, sample=5, generator=torch.Generator().manual_seed(0))
+
+
+# ---- bank_coherence ----------------------------------------------------------------------------
+
+
+def test_bank_coherence_is_scale_free_max_abs():
+    from fastdiag.ops import bank_coherence
+
+    g = torch.Generator().manual_seed(5)
+    atoms = torch.randn(20, 9, generator=g)
+    atoms[4] = -2.0 * atoms[11]  # anti-parallel pair: |cos| = 1
+    atoms[6] = 0.0  # a zero atom: cosine 0 with every atom
+    got = bank_coherence(atoms)
+    assert got.dtype == torch.float64 and got.shape == ()
+    assert got.item() == pytest.approx(1.0, rel=1e-6)
+    # the same atoms at 1e-6 scale: the cosine's 1e-8 term would shrink them, normalising does not
+    base = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(bank_coherence(1e-6 * base), bank_coherence(base), rtol=1e-12, atol=0)
+    unit = torch.nn.functional.normalize(base, dim=1)
+    dense = (unit @ unit.T - torch.eye(6, dtype=torch.float64)).abs().max()
+    assert bank_coherence(base).item() == pytest.approx(dense.item(), rel=1e-6)
+    assert torch.isnan(bank_coherence(torch.ones(1, 5)))
+    with pytest.raises(ValueError, match=r"\[K, F\]"):
+        bank_coherence(torch.ones(5))

@@ -318,3 +318,18 @@ def test_opcheck_torch_op():
     torch.library.opcheck(
         torch.ops.fastdiag.dist_stats_torch.default, (x4, mask, True, 3, 0.1, 1e-6, -1, 2, 4, False)
     )
+
+
+# ---- median (of a per-row column) ----------------------------------------------------------------
+
+
+def test_median_numpy_convention_ignores_nan():
+    from fastdiag.ops import median
+
+    assert median(torch.tensor([3.0, 1.0, 2.0])).item() == 2.0
+    assert median(torch.tensor([4.0, 1.0, 2.0, 3.0])).item() == 2.5  # mean of the middle two
+    assert median(torch.tensor([float("nan"), 5.0, 1.0])).item() == 3.0
+    assert torch.isnan(median(torch.tensor([float("nan")])))
+    assert torch.isnan(median(torch.ones(0)))
+    got = median(torch.arange(12.0).reshape(3, 4))
+    assert got.dtype == torch.float64 and got.shape == () and got.item() == 5.5

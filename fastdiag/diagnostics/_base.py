@@ -6,8 +6,6 @@
   accumulator kernel per update.
 - :class:`_ParamTracker`: gradient / parameter norms and the weight change against a device
   copy of the previous parameters, with fused multi-tensor norms.
-- :func:`embedding_values`: variance, mean row norm, sampled cosine (the seed's draw) and
-  non-finite row count of an embedding matrix.
 
 Epoch semantics (METRICS.md; the same as ``fastdiag.reference`` with ``count_mode="provided"``):
 a key's epoch value is the mean of its batch values over the updates that provided its input
@@ -27,7 +25,7 @@ from torch import Tensor
 
 from fastdiag import ops
 from fastdiag.accumulator import Accumulator
-from fastdiag.ops import cosine_stats, effective_rank
+from fastdiag.ops import effective_rank
 from fastdiag.ops import norms as _norms
 
 COSINE_SAMPLES = 100  # rows drawn by the seed's sampled cosine estimate
@@ -175,72 +173,11 @@ class _ParamTracker:
         self.prev = None if prev is None else {k: v.detach().clone() for k, v in prev.items()}
 
 
-def sample_rows(m: int, generator: torch.Generator | None, samples: int = COSINE_SAMPLES) -> Tensor:
-    """The seed's draw: ``randperm(m)[:min(samples, m)]`` on the generator's device (CPU global RNG)."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randperm(m, generator=generator, device=device)[: min(samples, m)]
-
-
 def check_cosine_samples(samples: int | None) -> int | None:
     """``samples`` validated: an int >= 2, or None (exact: every row)."""
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 2):
         raise ValueError(f"cosine_samples must be an int >= 2 or None (exact, all rows), got {samples!r}")
     return samples
-
-
-def embedding_values(
-    x: Tensor, generator: torch.Generator | None, samples: int | None = COSINE_SAMPLES
-) -> dict[str, Tensor]:
-    """Batch values of an embedding tensor [..., D] seen as rows [M, D].
-
-    Returns float64 0-d tensors: ``variance`` (per-column unbiased variance over the rows,
-    averaged over columns), ``norm_mean`` (mean row L2 norm), ``cosine_mean`` / ``cosine_max``
-    (off-diagonal cosine of ``min(samples, M)`` rows drawn as the seed does, no draw when
-    M < 2; of every row, blockwise, when ``samples`` is None), ``nonfinite`` (rows whose L2 norm is not finite, i.e. holding a NaN / inf,
-    excluded from every value), and ``clean``: the rows [M, D] with invalid rows zeroed.
-    Four cheap passes over the rows: the row norms, the zeroing, the column sums, the squares.
-    """
-    d = x.shape[-1]
-    rows = x.detach().reshape(-1, d)
-    if rows.dtype in (torch.float16, torch.bfloat16):
-        rows = rows.float()
-    m = rows.shape[0]
-    device = rows.device
-    norms = torch.linalg.vector_norm(rows, dim=1)  # NaN / inf exactly for the non-finite rows
-    valid = torch.isfinite(norms)
-    n = valid.sum().to(torch.float64)
-    clean = torch.where(valid[:, None], rows, torch.zeros((), dtype=rows.dtype, device=device))
-    # two passes over all M rows (zeroed ones included): c = column mean, q = sum (x - c)^2
-    c = clean.sum(0) / m
-    q = (clean - c).square().sum(0).to(torch.float64)
-    c = c.to(torch.float64)
-    # the n valid rows only: their mean mu = M c / n, and
-    # sum_valid (x - mu)^2 = q - (M - n) c^2 - n (mu - c)^2   (= q when every row is valid)
-    mu = m * c / n
-    var_valid = (q - (m - n) * c.square() - n * (mu - c).square()) / (n - 1)
-    variance = var_valid.mean()
-    norm_mean = torch.where(valid, norms, torch.zeros_like(norms)).to(torch.float64).sum() / n
-    out = {
-        "variance": torch.where(n > 1, variance, nan(device)),
-        "norm_mean": norm_mean,
-        "nonfinite": (m - n),
-        "clean": clean,
-    }
-    if m < 2:
-        out["cosine_mean"] = out["cosine_max"] = nan(device)
-        return out
-    if samples is None:
-        sample, k, v = clean, m, n
-    else:
-        idx = sample_rows(m, generator, samples).to(device, non_blocking=True)
-        sample, k, v = clean[idx], idx.numel(), valid[idx].sum().to(torch.float64)
-    cos = cosine_stats(sample)
-    # zeroed (invalid) rows have cosine 0 with every row: rescale the mean to the valid pairs
-    # (the max then reads max(true max, 0) when such a row was drawn)
-    pairs = v * (v - 1)
-    out["cosine_mean"] = torch.where(pairs > 0, cos.mean.to(torch.float64) * (k * (k - 1)) / pairs, nan(device))
-    out["cosine_max"] = torch.where(pairs > 0, cos.max.to(torch.float64), nan(device))
-    return out
 
 
 def effective_rank_mean(clean: Tensor) -> Tensor:
@@ -252,7 +189,6 @@ def effective_rank_mean(clean: Tensor) -> Tensor:
 __all__ = [
     "COSINE_SAMPLES",
     "NONFINITE_ROWS",
-    "embedding_values",
     "effective_rank_mean",
     "nan",
     "normalised",

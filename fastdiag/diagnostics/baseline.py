@@ -22,7 +22,6 @@ from fastdiag.diagnostics._base import (
     _ParamTracker,
     check_cosine_samples,
     check_float,
-    embedding_values,
     nan,
     normalised,
 )
@@ -103,10 +102,10 @@ class BaselineAttentionDiagnostics:
             v["baseline/attention_param_norm"] = norm
             v["baseline/attention_weight_change"] = change
         if value_states is not None:
-            emb = embedding_values(value_states, generator, self.cosine_samples)
-            v["baseline/value_embedding_variance"] = emb["variance"]
-            v["baseline/value_cosine_similarity"] = emb["cosine_mean"]
-            nonfinite.append(emb["nonfinite"])
+            emb = ops.embedding_stats(value_states, self.cosine_samples, generator)
+            v["baseline/value_embedding_variance"] = emb.variance
+            v["baseline/value_cosine_similarity"] = emb.cosine_mean
+            nonfinite.append(emb.nonfinite_rows)
         if nonfinite:
             device = nonfinite[0].device
             v[NONFINITE_ROWS] = torch.stack([t.to(device, torch.float64) for t in nonfinite]).sum()

@@ -30,7 +30,6 @@ from fastdiag.diagnostics._base import (
     check_float,
     check_tensor,
     effective_rank_mean,
-    embedding_values,
     nan,
     raise_flags,
 )
@@ -265,13 +264,13 @@ class SetDiagnostics:
             v[_TOKEN_MAX] = t * after - (t - 1) * (after if before is None else before.to(torch.float64))
 
         if set_embeddings is not None:
-            emb = embedding_values(set_embeddings, generator, self.cosine_samples)
-            v["ausa/set_embedding_variance"] = emb["variance"]
-            v["ausa/set_embedding_norm_mean"] = emb["norm_mean"]
-            v["ausa/set_cosine_similarity_mean"] = emb["cosine_mean"]
-            v["ausa/set_cosine_similarity_max"] = emb["cosine_max"]
-            v["ausa/set_rank_effective"] = effective_rank_mean(emb["clean"].view(set_embeddings.shape))
-            nonfinite.append(emb["nonfinite"])
+            emb = ops.embedding_stats(set_embeddings, self.cosine_samples, generator)
+            v["ausa/set_embedding_variance"] = emb.variance
+            v["ausa/set_embedding_norm_mean"] = emb.norm_mean
+            v["ausa/set_cosine_similarity_mean"] = emb.cosine_mean
+            v["ausa/set_cosine_similarity_max"] = emb.cosine_max
+            v["ausa/set_rank_effective"] = effective_rank_mean(emb.finite_rows.view(set_embeddings.shape))
+            nonfinite.append(emb.nonfinite_rows)
 
         if set_attention_weights is not None:
             st = ops.dist_stats(set_attention_weights)

@@ -23,8 +23,6 @@ from fastdiag.diagnostics._base import (
     _Epoch,
     check_float,
     check_tensor,
-    cosine_stats,
-    nan,
     normalised,
     raise_flags,
 )
@@ -32,28 +30,6 @@ from fastdiag.ops import RowSlot, Slot
 from fastdiag.ops import usage as _usage
 
 _OUT_OF_RANGE = "_error/indices_out_of_range"
-
-
-def _median(values: Tensor) -> Tensor:
-    """Median of the non-NaN entries of ``values`` [R] (mean of the two middle ones), float64 0-d."""
-    v = values.reshape(-1).to(torch.float64)
-    if v.numel() == 0:
-        return nan(v.device)
-    n = (~torch.isnan(v)).sum()
-    ordered = torch.sort(v).values  # NaN sort last
-    lo = ((n - 1) // 2).clamp_min(0).reshape(1)
-    hi = (n // 2).clamp_max(v.numel() - 1).reshape(1)
-    mid = (ordered.gather(0, lo) + ordered.gather(0, hi)).reshape(()) / 2
-    return torch.where(n > 0, mid, nan(v.device))
-
-
-def _abs_cosine_max(atoms: Tensor) -> Tensor:
-    """Max off-diagonal |cosine| of the rows of ``atoms`` [K, F] (zero rows: cosine 0), float64 0-d."""
-    a = atoms.to(torch.float64)
-    norms = torch.linalg.vector_norm(a, dim=1, keepdim=True)
-    unit = a / torch.where(norms > 0, norms, torch.ones_like(norms))
-    # unit rows: the op's |a||b| + 1e-8 denominator is then 1 + 1e-8, whatever the atom scale
-    return cosine_stats(unit).max_abs.to(torch.float64)
 
 
 class WeightDiagnostics:
@@ -130,7 +106,7 @@ class WeightDiagnostics:
             v[k["kl_uniform"]] = math.log(n) - h
             v[k["sparsity"]] = sums[Slot.GT_TAU] / (count * n)
             v[k["support_mean"]] = ops.mean(sums, Slot.GT_EPS)
-            v[k["support_median"]] = _median(st.rows[..., RowSlot.GT_EPS])
+            v[k["support_median"]] = ops.median(st.rows[..., RowSlot.GT_EPS])
             v[k["prune_frac"]] = 1 - sums[Slot.GT_EPS] / (count * n)
             v[self.nonfinite_key] = sums[Slot.NONFINITE]
         if indices is not None:
@@ -139,8 +115,7 @@ class WeightDiagnostics:
             v[k["active_ratio"]] = usage.active_ratio
             v[_OUT_OF_RANGE] = usage.out_of_range
         if atoms is not None:
-            flat = atoms.detach().reshape(atoms.shape[0], -1)
-            v[k["coherence"]] = _abs_cosine_max(flat) if flat.shape[0] > 1 else nan(flat.device)
+            v[k["coherence"]] = ops.bank_coherence(atoms.detach().reshape(atoms.shape[0], -1))
         self._epoch.add(v)
 
     def get_epoch_stats(self, sync_dist: bool = False, process_group: Any = None) -> dict[str, float]:

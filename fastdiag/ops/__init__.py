@@ -6,6 +6,8 @@ Every op keeps its results on the input's device and picks its backend through
 * ``dist_stats``      every row statistic of a distribution tensor in one read
 * ``spectral_stats``  effective rank, stable rank, condition number ... of [..., rows, cols]
 * ``cosine_stats``    mean / max / max-abs off-diagonal cosine of the rows of [..., M, D]
+  (``bank_coherence``: the max-abs one of an atom bank, scale-free)
+* ``embedding_stats`` variance, mean norm, cosine and non-finite rows of embeddings [..., D]
 * ``usage_stats``     set / expert usage balance from index tensors (integer counts on device)
 * ``jaccard``         top-k and active-set stability on device bitmaps
 * ``norms``           fused multi-tensor gradient / parameter norms
@@ -16,24 +18,38 @@ from fastdiag.ops import (
     jaccard,
     norms,
 )
-from fastdiag.ops._dist_stats import DistStats, HeadSlot, RowSlot, Slot, dist_stats, mean, std
-from fastdiag.ops.cosine import CosineStats, cosine_stats
+from fastdiag.ops._dist_stats import (
+    DistStats,
+    HeadSlot,
+    RowSlot,
+    Slot,
+    dist_stats,
+    mean,
+    median,
+    std,
+)
+from fastdiag.ops.cosine import CosineStats, bank_coherence, cosine_stats
+from fastdiag.ops.embedding import EmbeddingStats, embedding_stats
 from fastdiag.ops.spectral import SpectralStats, effective_rank, spectral_stats
 from fastdiag.ops.usage import UsageStats, usage_stats
 
 __all__ = [
     "CosineStats",
     "DistStats",
+    "EmbeddingStats",
     "HeadSlot",
     "RowSlot",
     "Slot",
     "SpectralStats",
     "UsageStats",
+    "bank_coherence",
     "cosine_stats",
     "dist_stats",
     "effective_rank",
+    "embedding_stats",
     "jaccard",
     "mean",
+    "median",
     "norms",
     "spectral_stats",
     "std",

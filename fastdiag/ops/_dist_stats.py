@@ -29,6 +29,7 @@ of the head's own row ``x4[a, g, c, :]`` (softmaxed for logits).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -245,3 +246,19 @@ def std(sums: Tensor, slot: int, slot_sq: int) -> Tensor:
     m = sums[..., slot] / n
     var = (sums[..., slot_sq] - n * m * m) / (n - 1)
     return var.clamp_min(0).sqrt()
+
+
+def median(values: Tensor) -> Tensor:
+    """Median of the non-NaN entries of ``values`` (any shape; e.g. a ``RowSlot`` column of
+    ``rows``), the mean of the two middle ones for an even count (numpy's convention), float64
+    0-d; NaN when there is none. One sort, no host synchronisation."""
+    v = values.detach().reshape(-1).to(torch.float64)
+    nan = torch.full((), math.nan, dtype=torch.float64, device=v.device)
+    if v.numel() == 0:
+        return nan
+    n = (~torch.isnan(v)).sum()
+    ordered = torch.sort(v).values  # NaN sorts last
+    lo = ((n - 1) // 2).clamp_min(0).reshape(1)
+    hi = (n // 2).clamp_max(v.numel() - 1).reshape(1)
+    mid = (ordered.gather(0, lo) + ordered.gather(0, hi)).reshape(()) / 2
+    return torch.where(n > 0, mid, nan)

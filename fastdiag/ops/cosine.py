@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fastdiag import backends
 
-__all__ = ["COSINE_EPS", "CosineStats", "cosine_stats"]
+__all__ = ["COSINE_EPS", "CosineStats", "bank_coherence", "cosine_stats", "sample_rows"]
 
 COSINE_EPS = 1e-8
 _TILE_ELEMS = 1 << 24  # cosines per row block on the torch path
@@ -54,11 +54,34 @@ def cosine_stats(
     x = x.detach()
     m = x.shape[-2]
     if sample is not None:
-        n = min(sample, m)
-        device = generator.device if generator is not None else torch.device("cpu")
-        idx = torch.randperm(m, generator=generator, device=device)[:n]
+        idx = sample_rows(m, sample, generator)
         x = x.index_select(-2, idx.to(x.device, non_blocking=True))
     return _cosine_exact(x)
+
+
+def sample_rows(m: int, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """The seed's draw of min(n, m) of m rows: ``torch.randperm(m, generator=generator)[:n]``
+    on the generator's device (the CPU default generator when None), int64 [min(n, m)]."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randperm(m, generator=generator, device=device)[: min(n, m)]
+
+
+def bank_coherence(atoms: Tensor) -> Tensor:
+    """Max off-diagonal |cosine| of the rows of ``atoms`` [K, F] (seed 003's dictionary
+    coherence), exact, float64 0-d; NaN when K < 2.
+
+    The rows are normalised first (zero rows stay zero: cosine 0), so the cosine's 1e-8
+    denominator term cannot depend on the atoms' scale.
+    """
+    if not isinstance(atoms, Tensor) or atoms.dim() != 2:
+        shape = tuple(atoms.shape) if isinstance(atoms, Tensor) else type(atoms).__name__
+        raise ValueError(f"atoms must be a tensor of shape [K, F], got {shape}")
+    a = atoms.detach().to(torch.float64)
+    if a.shape[0] < 2:
+        return torch.full((), math.nan, dtype=torch.float64, device=a.device)
+    norms = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    unit = a / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return cosine_stats(unit).max_abs.to(torch.float64)
 
 
 def _check(x: Tensor, sample: int | None) -> None:
