@@ -147,6 +147,18 @@ def test_zeros_one_hot_and_ties(each_backend):
     torch.testing.assert_close(out.rows[3, RowSlot.ENTROPY], torch.tensor(math.log(16)))
 
 
+def test_negative_large_and_subnormal_entries(each_backend):
+    """Weights that are not probabilities: a negative entry adds 0 to the entropy, a huge
+    finite entry is finite (the row stays valid), subnormals add ~0."""
+    x = softmax_rows(5, 4, 40)
+    x[0, 1, 3] = -0.25
+    x[1, 0, 7] = 2.5e15  # its square still fits float32 per-row sums
+    x[2, 2, :5] = 1e-40
+    x[3, :, 0] = 0.0
+    out = check(x, reduce_dim=1, topk=3)
+    assert out.sums[Slot.NONFINITE].item() == 0
+
+
 def test_single_key_gives_zero_entropy(each_backend):
     out = check(torch.ones(3, 1), topk=1)
     assert out.sums[Slot.ENTROPY].item() == 0.0
