@@ -6,7 +6,7 @@
 Implementations per case (``impl``):
 
 * ``fastdiag`` - ``spectral_stats(x)``: all five statistics of every matrix (the C++ / CUDA
-  extension's default method: float64 Gram, then Householder tridiagonalisation + implicit QL
+  extension's default method: float64 Gram, then Householder tridiagonalisation + implicit QR
   on the CPU, one-sided Jacobi on CUDA; no host synchronisation).
 * ``jacobi``   - ``spectral_stats(x, method="jacobi")`` on the CPU: the GPU kernel's method
   (pivoted Cholesky + one-sided Jacobi), for comparison.

@@ -20,7 +20,7 @@
 //        About 6 n^3 flops per sweep and ~8 sweeps for a random matrix: the method for a GPU
 //        block, where a round's n / 2 rotations run at once.
 //      "tridiagonal" (CPU): Householder reduction of G to tridiagonal form (4/3 n^3 flops),
-//        then implicit QL/QR steps with Wilkinson shifts on the tridiagonal (O(n^2), eigenvalues
+//        then implicit QR steps with Wilkinson shifts on the tridiagonal (O(n^2), eigenvalues
 //        only). Some 30x fewer flops than Jacobi, all of them in one serial thread's rows: the
 //        method for a CPU core.
 //   3. lambda <= eigen_cut = n * eps64 * lambda_max -> 0 (both methods resolve eigenvalues of G
@@ -304,7 +304,7 @@ FD_HD int jacobi_rows(double* A, int k, int n, int lda, double* s, double* is, d
   return sweep;
 }
 
-// ---- Householder tridiagonalisation + implicit QL (method "tridiagonal") --------------------
+// ---- Householder tridiagonalisation + implicit QR (method "tridiagonal") --------------------
 // Reduces the symmetric A (n x n, full storage, rows of length ld zero-padded past n, ld a
 // multiple of the Ops' vector width) to tridiagonal T = Q^T A Q in place: d[0..n-1] gets the
 // diagonal, e[0..n-2] the off-diagonal. v, w: ld doubles of scratch each.

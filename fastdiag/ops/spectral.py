@@ -18,7 +18,7 @@ kernels, one matrix per thread / thread block), else the torch path on the same 
 
 * ``"jacobi"``: batched cyclic one-sided Jacobi on the pivoted Cholesky factor (CPU and CUDA;
   the CUDA kernel rotates a round's disjoint pairs in parallel in one thread block).
-* ``"tridiagonal"``: Householder tridiagonalisation and implicit QL (CPU): some 30x fewer flops
+* ``"tridiagonal"``: Householder tridiagonalisation and implicit QR (CPU): some 30x fewer flops
   than Jacobi, the fastest serial method, so the choice for a CPU core.
 * ``"auto"`` (default): ``"tridiagonal"`` on the CPU, ``"jacobi"`` on CUDA.
 
