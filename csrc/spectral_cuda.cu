@@ -34,6 +34,21 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;  // butterfly: every lane holds the same, order-fixed sum
 }
 
+// Max of every thread's v, returned to every thread; red: kThreads doubles of shared scratch,
+// free again on return (a tree in fixed order, so the result does not depend on timing).
+__device__ __forceinline__ double block_max(double v, double* red) {
+  const int tid = threadIdx.x;
+  red[tid] = v;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w >>= 1) {
+    if (tid < w) red[tid] = fmax(red[tid], red[tid + w]);
+    __syncthreads();
+  }
+  const double out = red[0];
+  __syncthreads();
+  return out;
+}
+
 // Shared scratch besides the working matrix (sizes in doubles, n <= kMaxDim).
 struct Scratch {
   double* s;      // n   Jacobi row scales
@@ -112,14 +127,7 @@ __global__ void __launch_bounds__(kThreads)
   // 3. rank_cut (the Cholesky stop) from the largest diagonal entry
   double dmax = 0.0;
   for (int i = tid; i < n; i += kThreads) dmax = fmax(dmax, A[(int64_t)i * n + i]);
-  sc.red[tid] = dmax;
-  __syncthreads();
-  for (int w = kThreads / 2; w > 0; w >>= 1) {
-    if (tid < w) sc.red[tid] = fmax(sc.red[tid], sc.red[tid + w]);
-    __syncthreads();
-  }
-  const double cut = sp::rank_cut(n, sc.red[0]);
-  __syncthreads();
+  const double cut = sp::rank_cut(n, block_max(dmax, sc.red));
 
   // 4. pivoted Cholesky (same pivot rule as sp::pivoted_cholesky: largest, then lowest index)
   if (tid == 0) s_rank = n;
@@ -247,14 +255,7 @@ __global__ void __launch_bounds__(kThreads)
   // 6. eigen_cut from the largest eigenvalue, then the statistics and the sorted singular values
   double lmax = 0.0;
   for (int i = tid; i < rank; i += kThreads) lmax = fmax(lmax, sc.a2[i]);
-  sc.red[tid] = lmax;
-  __syncthreads();
-  for (int w = kThreads / 2; w > 0; w >>= 1) {
-    if (tid < w) sc.red[tid] = fmax(sc.red[tid], sc.red[tid + w]);
-    __syncthreads();
-  }
-  const double lcut = sp::eigen_cut(n, sc.red[0]);
-  __syncthreads();  // sc.red is reused below
+  const double lcut = sp::eigen_cut(n, block_max(lmax, sc.red));
   sp::SigmaSums acc;
   sp::sigma_init(&acc);
   for (int i = tid; i < n; i += kThreads) {

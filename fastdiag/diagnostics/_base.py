@@ -27,6 +27,7 @@ from fastdiag import ops
 from fastdiag.accumulator import Accumulator
 from fastdiag.ops import effective_rank
 from fastdiag.ops import norms as _norms
+from fastdiag.ops.cosine import check_sample
 
 COSINE_SAMPLES = 100  # rows drawn by the seed's sampled cosine estimate
 
@@ -174,10 +175,8 @@ class _ParamTracker:
 
 
 def check_cosine_samples(samples: int | None) -> int | None:
-    """``samples`` validated: an int >= 2, or None (exact: every row)."""
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 2):
-        raise ValueError(f"cosine_samples must be an int >= 2 or None (exact, all rows), got {samples!r}")
-    return samples
+    """The classes' ``cosine_samples`` argument validated: an int >= 2, or None (every row)."""
+    return check_sample(samples, "cosine_samples")
 
 
 def effective_rank_mean(clean: Tensor) -> Tensor:

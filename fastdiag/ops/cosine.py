@@ -96,10 +96,17 @@ def _check(x: Tensor, sample: int | None) -> None:
         )
     if x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(f"x needs at least one row and one column, got shape {shape}")
+    check_sample(sample)
+
+
+def check_sample(sample: int | None, name: str = "sample") -> int | None:
+    """``sample`` (the rows to draw for a cosine estimate) validated: an int >= 2, or None
+    (every row); ``name`` is the argument's name in the error."""
     if sample is not None and (
         isinstance(sample, bool) or not isinstance(sample, int) or sample < 2
     ):
-        raise ValueError(f"sample must be an int >= 2 (rows to draw) or None, got {sample!r}")
+        raise ValueError(f"{name} must be an int >= 2 (rows to draw) or None (every row), got {sample!r}")
+    return sample
 
 
 def _cosine_exact(x: Tensor) -> CosineStats:

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastdiag.ops.cosine import cosine_stats, sample_rows
+from fastdiag.ops.cosine import check_sample, cosine_stats, sample_rows
 
 __all__ = ["EmbeddingStats", "embedding_stats"]
 
@@ -60,8 +60,7 @@ def embedding_stats(
             f"x must be a floating-point tensor of shape [..., D], got {x.dtype} with shape "
             f"{tuple(x.shape)}"
         )
-    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 2):
-        raise ValueError(f"sample must be an int >= 2 or None (every row), got {sample!r}")
+    check_sample(sample)
     rows = x.detach().reshape(-1, x.shape[-1])
     if rows.dtype in (torch.float16, torch.bfloat16):
         rows = rows.float()
