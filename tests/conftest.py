@@ -77,6 +77,17 @@ def forbid_host_sync(counter: dict | None = None):
             setattr(torch.Tensor, name, original)
 
 
+@contextlib.contextmanager
+def forbid_cuda_sync():
+    """Wait for the queued CUDA work, then make any synchronising CUDA call raise until exit."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def assert_same_epochs(want: list[dict[str, float]], got: list[dict[str, float]]) -> None:
     """Epoch dicts equal key for key, bit for bit (NaN equals NaN)."""
     assert len(want) == len(got)

@@ -10,7 +10,7 @@ import fastdiag
 from fastdiag import backends
 from fastdiag.ops import cosine
 from fastdiag.ops.cosine import CosineStats, cosine_stats, cosine_torch
-from tests.conftest import forbid_host_sync
+from tests.conftest import forbid_cuda_sync, forbid_host_sync
 
 
 def dense(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,12 +242,8 @@ def test_cuda_no_sync():
     x = randn(4, 300, 64).cuda()
     fastdiag.set_backend("auto")
     cosine_stats(x)  # warm-up (compile)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with forbid_cuda_sync():
         out = cosine_stats(x)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert_matches(CosineStats(*(t.cpu() for t in out)), x.cpu())
 
 

@@ -28,6 +28,7 @@ from fastdiag.logging import (
     load_metrics,
     metric_names,
 )
+from tests.conftest import forbid_cuda_sync
 
 
 def rows_of(path, run=None):
@@ -465,14 +466,11 @@ def test_cuda_tensors_are_logged_without_a_host_sync(tmp_path):
     big = torch.randn(4096, 4096, device=device)
     half = torch.full((), 0.5, device=device, dtype=torch.float16)
     with MetricsLogger(path, run="gpu") as logger:
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with forbid_cuda_sync():
             for step in range(10):
                 # queued behind a large matmul: values must still be the final ones
                 total = (big @ big).sum() * 0 + step
                 logger.log({"total": total, "half": half}, step)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
     loaded = load_metrics(path)["gpu"]
     assert loaded["total"].values.tolist() == [float(s) for s in range(10)]
     assert loaded["half"].values.tolist() == [0.5] * 10

@@ -26,7 +26,7 @@ from fastdiag.ops.spectral import (
     spectral_torch,
     torch_jacobi_sweeps,
 )
-from tests.conftest import forbid_host_sync
+from tests.conftest import forbid_cuda_sync, forbid_host_sync
 
 MAX_SWEEPS = 40  # csrc/spectral.h: kMaxSweeps
 
@@ -429,12 +429,8 @@ def test_cuda_matches_cpu_without_sync():
         x[0, 0, 0] = float("nan")
         for dtype in (torch.float32, torch.bfloat16):
             xc = x.to(dtype).cuda()
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
+            with forbid_cuda_sync():
                 out = spectral_raw(xc)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
             ref = spectral_raw(x.to(dtype))
             for a, b in zip(out[:3], ref[:3], strict=True):
                 torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9, equal_nan=True)
@@ -446,12 +442,8 @@ def test_cuda_torch_fallback_without_sync():
     x = gaussian(4, 12, 40).cuda()
     fastdiag.set_backend("torch")
     try:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with forbid_cuda_sync():
             out = spectral_raw(x)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
     finally:
         fastdiag.set_backend("auto")
     check(tuple(t.cpu() for t in out), x.cpu())

@@ -15,7 +15,7 @@ from torch import nn
 
 import fastdiag
 from fastdiag.training import TrainingDiagnostics, probe, register_attention, watch
-from tests.conftest import available_backends
+from tests.conftest import available_backends, forbid_cuda_sync
 
 D, HEADS, SEQ, BATCH = 16, 4, 6, 3
 
@@ -703,13 +703,9 @@ def test_watch_on_cuda_never_synchronises():
         opt.step()
 
     step()  # first step: plan caches, kernel compilation
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with forbid_cuda_sync():
         step()
         step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     stats = handle.get_epoch_stats()
     handle.remove()
     assert stats["attention_entropy/layers.0.self_attn"] > 0
