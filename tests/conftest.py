@@ -88,6 +88,34 @@ def forbid_cuda_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def op_args(
+    x4,
+    mask=None,
+    logits=False,
+    topk=0,
+    tau=0.1,
+    eps=1e-6,
+    window=-1,
+    qoff=0,
+    qlen=None,
+    rows=True,
+):
+    """Positional arguments of a ``fastdiag::dist_stats_*`` op; query_len defaults to C, as in
+    the public wrapper."""
+    return (
+        x4,
+        mask,
+        logits,
+        topk,
+        tau,
+        eps,
+        window,
+        qoff,
+        x4.shape[2] if qlen is None else qlen,
+        rows,
+    )
+
+
 def assert_same_epochs(want: list[dict[str, float]], got: list[dict[str, float]]) -> None:
     """Epoch dicts equal key for key, bit for bit (NaN equals NaN)."""
     assert len(want) == len(got)

@@ -16,6 +16,7 @@ from fastdiag import _extension, backends
 from fastdiag.ops import _dist_stats_dispatch as dispatch
 from fastdiag.ops._dist_stats import HeadSlot, RowSlot, Slot, dist_stats
 from fastdiag.ops._dist_stats_torch import dist_stats_torch
+from tests.conftest import op_args
 
 RTOL, ATOL = 1e-4, 1e-6
 COUNT_SLOTS = [Slot.COUNT, Slot.GT_TAU, Slot.GT_EPS, Slot.NONFINITE, Slot.MASKED]
@@ -31,23 +32,6 @@ def op():
             pytest.skip("no C++ compiler or ninja: the cpu backend is unavailable")
         pytest.fail("a C++ toolchain is present but the fastdiag extension did not build")
     return torch.ops.fastdiag.dist_stats_cpu.default
-
-
-def args(
-    x4, mask=None, logits=False, k=0, tau=0.1, eps=1e-6, window=-1, qoff=0, qlen=None, rows=True
-):
-    return (
-        x4,
-        mask,
-        logits,
-        k,
-        tau,
-        eps,
-        window,
-        qoff,
-        x4.shape[2] if qlen is None else qlen,
-        rows,
-    )
 
 
 def compare(op, a, exact_counts=True):
@@ -90,10 +74,10 @@ def logits(*shape, scale=3.0, seed=0):
 def test_random_softmax_rows(op, n, g):
     x4 = softmax(2, g, 24 if n < 5000 else 6, n, seed=n)
     k = min(n, 5)
-    compare(op, args(x4, k=k, window=2))
+    compare(op, op_args(x4, topk=k, window=2))
     compare(
         op,
-        args(logits(2, g, 24 if n < 5000 else 6, n, seed=n), logits=True, k=k, window=2),
+        op_args(logits(2, g, 24 if n < 5000 else 6, n, seed=n), logits=True, topk=k, window=2),
         exact_counts=False,
     )
 
@@ -106,7 +90,7 @@ def test_zeros_one_hot_and_ties(op):
     x[3, ::4] = 0.1  # ten-way tie
     x[4] = torch.arange(n) % 3 / 39.0  # repeated levels
     x[5, [3, 9, 31]] = torch.tensor([0.5, 0.25, 0.25])  # two tied runners-up
-    out = compare(op, args(x.view(1, 1, 6, n), k=16, window=3))
+    out = compare(op, op_args(x.view(1, 1, 6, n), topk=16, window=3))
     assert out[2][1, RowSlot.ENTROPY] == 0.0  # one-hot: exactly 0 nats
     assert out[3][2].tolist() == list(range(16))  # ties to the lower index
     assert out[3][5, :3].tolist() == [3, 9, 31]
@@ -121,27 +105,27 @@ def test_many_top_candidates(op, k):
     x[3] = torch.linspace(0.0, 0.01, 200)  # ascending: every entry beats the previous ones
     x[4] = torch.linspace(0.01, 0.0, 200)
     x[5] = torch.rand(200, generator=torch.Generator().manual_seed(3)).round(decimals=1)
-    got = compare(op, args(x.view(1, 1, 6, 200), k=k))
+    got = compare(op, op_args(x.view(1, 1, 6, 200), topk=k))
     assert got[3][0].tolist() == list(range(k))
     assert got[3][3].tolist() == list(range(199, 199 - k, -1))
-    compare(op, args(torch.zeros(1, 2, 3, 200), logits=True, k=k), exact_counts=False)
+    compare(op, op_args(torch.zeros(1, 2, 3, 200), logits=True, topk=k), exact_counts=False)
 
 
 def test_ties_in_head_mean_and_logits(op):
     lev = torch.randint(0, 4, (3, 2, 9, 64), generator=torch.Generator().manual_seed(1)).float()
-    compare(op, args(lev / lev.sum(-1, keepdim=True).clamp_min(1), k=16))
-    compare(op, args(lev, logits=True, k=16), exact_counts=False)  # equal logits tie exactly
+    compare(op, op_args(lev / lev.sum(-1, keepdim=True).clamp_min(1), topk=16))
+    compare(op, op_args(lev, logits=True, topk=16), exact_counts=False)  # equal logits tie exactly
 
 
 def test_single_key(op):
-    got = compare(op, args(torch.ones(2, 1, 5, 1), k=1, window=0))
+    got = compare(op, op_args(torch.ones(2, 1, 5, 1), topk=1, window=0))
     assert torch.equal(got[2][:, RowSlot.ENTROPY], torch.zeros(10))
     assert torch.equal(got[3], torch.zeros(10, 1, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("k", range(1, 17))
 def test_every_topk(op, k):
-    compare(op, args(softmax(1, 2, 12, 100, seed=k), k=k))
+    compare(op, op_args(softmax(1, 2, 12, 100, seed=k), topk=k))
 
 
 def test_non_contiguous_strides(op):
@@ -149,18 +133,18 @@ def test_non_contiguous_strides(op):
         0, 2, 1, 3
     )  # [A, G, C, N]: G stride 33, C stride 132
     assert not x4.is_contiguous()
-    compare(op, args(x4, k=4, window=5))
+    compare(op, op_args(x4, topk=4, window=5))
     xt = softmax(3, 4, 33, 20, seed=2).transpose(
         -1, -2
     )  # last-axis stride 20 (rows not normalised)
-    compare(op, args(xt, k=4, window=5))
+    compare(op, op_args(xt, topk=4, window=5))
     sliced = softmax(2, 3, 10, 64, seed=3)[:, :, 1::2, ::2]  # every stride unusual
-    compare(op, args(sliced, k=3))
+    compare(op, op_args(sliced, topk=3))
     expanded = softmax(1, 1, 1, 50, seed=4).expand(2, 3, 5, 50)  # zero strides
-    compare(op, args(expanded, k=5))
+    compare(op, op_args(expanded, topk=5))
     compare(
         op,
-        args(logits(2, 3, 10, 64, seed=5)[:, :, 1::2, ::2], logits=True, k=3),
+        op_args(logits(2, 3, 10, 64, seed=5)[:, :, 1::2, ::2], logits=True, topk=3),
         exact_counts=False,
     )
 
@@ -168,11 +152,11 @@ def test_non_contiguous_strides(op):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(op, dtype):
     for n in (5, 37, 300):  # vector body and tail of the conversion loops
-        compare(op, args(softmax(2, 3, 7, n, seed=n).to(dtype), k=5, window=1))
+        compare(op, op_args(softmax(2, 3, 7, n, seed=n).to(dtype), topk=5, window=1))
         compare(
-            op, args(logits(2, 3, 7, n, seed=n).to(dtype), logits=True, k=5), exact_counts=False
+            op, op_args(logits(2, 3, 7, n, seed=n).to(dtype), logits=True, topk=5), exact_counts=False
         )
-        compare(op, args(softmax(2, 3, 14, 2 * n, seed=n).to(dtype)[..., ::2], k=5))
+        compare(op, op_args(softmax(2, 3, 14, 2 * n, seed=n).to(dtype)[..., ::2], topk=5))
 
 
 def test_half_specials_convert_exactly(op):
@@ -180,11 +164,11 @@ def test_half_specials_convert_exactly(op):
         [0.0, -0.0, 6e-8, 1e-5, 0.5, 65504.0, 2.0**-14, 1.0 - 2.0**-11], dtype=torch.float16
     )
     x = vals.repeat(3, 4).view(1, 1, 3, 32)
-    compare(op, args(x, k=8))  # includes fp16 subnormals (6e-8)
+    compare(op, op_args(x, topk=8))  # includes fp16 subnormals (6e-8)
     bad = x.clone()
     bad[0, 0, 1, 3] = float("inf")
     bad[0, 0, 2, 20] = float("nan")
-    got = compare(op, args(bad, k=2))
+    got = compare(op, op_args(bad, topk=2))
     assert got[0][Slot.NONFINITE] == 2
 
 
@@ -196,7 +180,7 @@ def test_logits_with_masked_keys(op):
     x[1, 0, 5, 7] = float("inf")  # +inf: invalid
     x[0, 2, 6, 1] = float("nan")
     x[1, 2, 8, :] = -1e30  # huge but finite, equal: uniform
-    got = compare(op, args(x, logits=True, k=6, window=4), exact_counts=False)
+    got = compare(op, op_args(x, logits=True, topk=6, window=4), exact_counts=False)
     assert got[0][Slot.NONFINITE] == 4
     assert torch.all(got[3][[3, 16 + 4, 16 + 5, 6]] == -1)
 
@@ -210,16 +194,16 @@ def test_masks_and_nonfinite_probability_rows(op):
     mask = torch.ones(33, dtype=torch.bool)
     mask[[0, 13, 14, 32]] = False
     mask[11 + 3] = False  # the inf row, masked: counted as masked, not non-finite
-    got = compare(op, args(x, mask=mask, k=3, window=2))
+    got = compare(op, op_args(x, mask=mask, topk=3, window=2))
     assert got[0][Slot.MASKED] == 4 and got[0][Slot.NONFINITE] == 2
     assert not got[2][22 + 5].isnan().any()  # 3e38: sumsq overflows to inf, the row stays valid
-    compare(op, args(x, mask=torch.zeros(33, dtype=torch.bool), k=3))  # nothing valid
-    compare(op, args(x, mask=mask.to(torch.uint8).bool(), logits=True, k=3), exact_counts=False)
+    compare(op, op_args(x, mask=torch.zeros(33, dtype=torch.bool), topk=3))  # nothing valid
+    compare(op, op_args(x, mask=mask.to(torch.uint8).bool(), logits=True, topk=3), exact_counts=False)
 
 
 @pytest.mark.parametrize("g", [2, 8, 12, 16])
 def test_reduce_over_heads(op, g):
-    compare(op, args(softmax(2, g, 9, 70, seed=g), k=5, window=3))
+    compare(op, op_args(softmax(2, g, 9, 70, seed=g), topk=5, window=3))
 
 
 @pytest.mark.parametrize(
@@ -236,13 +220,13 @@ def test_reduce_over_heads(op, g):
     ],
 )
 def test_window_and_query_offset(op, window, qoff, qlen):
-    compare(op, args(softmax(2, 2, 12, 30, seed=8), k=2, window=window, qoff=qoff, qlen=qlen))
-    compare(op, args(softmax(2, 2, 12, 30, seed=8), window=-1, qoff=qoff, qlen=qlen, rows=False))
+    compare(op, op_args(softmax(2, 2, 12, 30, seed=8), topk=2, window=window, qoff=qoff, qlen=qlen))
+    compare(op, op_args(softmax(2, 2, 12, 30, seed=8), window=-1, qoff=qoff, qlen=qlen, rows=False))
 
 
 def test_empty_rows(op):
     for shape in [(0, 2, 3, 5), (2, 2, 0, 5)]:
-        got = compare(op, args(torch.rand(shape), k=2))
+        got = compare(op, op_args(torch.rand(shape), topk=2))
         assert got[3].shape == (0, 2)
 
 
@@ -262,7 +246,7 @@ def test_opcheck(op):
 
 def test_deterministic_across_thread_counts(op):
     x4 = softmax(4, 3, 700, 64, seed=10)  # 2800 rows: several row blocks
-    a = args(x4, k=5, window=3)
+    a = op_args(x4, topk=5, window=3)
     before = torch.get_num_threads()
     try:
         results = []
@@ -279,13 +263,13 @@ def test_deterministic_across_thread_counts(op):
 def test_bad_arguments_raise(op):
     x4 = softmax(1, 1, 2, 4)
     with pytest.raises(RuntimeError, match="topk"):
-        op(*args(x4, k=5))
+        op(*op_args(x4, topk=5))
     with pytest.raises(RuntimeError, match="4-D"):
         op(x4[0], None, False, 1, 0.1, 1e-6, -1, 0, 2, False)
     with pytest.raises(RuntimeError, match="row_mask"):
-        op(*args(x4, mask=torch.ones(3, dtype=torch.bool)))
+        op(*op_args(x4, mask=torch.ones(3, dtype=torch.bool)))
     with pytest.raises(RuntimeError, match="dtype|float32"):
-        op(*args(x4.to(torch.int32)))
+        op(*op_args(x4.to(torch.int32)))
 
 
 def test_public_api_on_the_cpu_backend(op, backend):

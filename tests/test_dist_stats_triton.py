@@ -30,38 +30,12 @@ if not torch.cuda.is_available() and not backends.triton_interpreting():  # prag
 from fastdiag.kernels import dist_stats as K  # noqa: E402
 
 from fastdiag.ops._dist_stats_torch import dist_stats_torch  # noqa: E402
+from tests.conftest import op_args
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # the interpreter computes invalid rows' NaN statistics too (their outputs are then masked)
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
-
-def canon(
-    x4,
-    mask=None,
-    logits=False,
-    topk=0,
-    tau=0.1,
-    eps=1e-6,
-    window=-1,
-    qoff=0,
-    qlen=None,
-    rows=True,
-):
-    """The op's positional arguments (query_len defaults to C, as the public wrapper does)."""
-    return (
-        x4,
-        mask,
-        logits,
-        topk,
-        tau,
-        eps,
-        window,
-        qoff,
-        x4.shape[2] if qlen is None else qlen,
-        rows,
-    )
 
 
 def golden(x4, mask, logits, topk, tau, eps, window, qoff, qlen, want_rows):
@@ -200,7 +174,7 @@ def logits(*shape, scale=2.0, seed=0):
     ],
 )
 def test_random_rows(name, x, kw):
-    check(canon(x(), **kw))
+    check(op_args(x(), **kw))
 
 
 def test_zeros_one_hot_and_ties():
@@ -211,7 +185,7 @@ def test_zeros_one_hot_and_ties():
     x[3] = 1.0 / 16  # uniform: every index tied
     x[4, 15], x[4, 0] = 0.7, 0.3
     x[5, 2:6] = torch.tensor([0.1, 0.4, 0.4, 0.1])
-    out = check(canon(x.to(DEV).view(1, 1, 6, 16), topk=5, tau=0.2, eps=0.05))
+    out = check(op_args(x.to(DEV).view(1, 1, 6, 16), topk=5, tau=0.2, eps=0.05))
     rows, idx = out[2].cpu(), out[3].cpu()
     assert rows[0, RowSlot.ENTROPY].item() == 0.0  # 0 log 0 = 0, exactly
     assert rows[0, RowSlot.MAX].item() == 1.0
@@ -229,13 +203,13 @@ def test_ties_across_heads():
     x = torch.zeros(1, 2, 1, 8)
     x[0, 0, 0, 6], x[0, 1, 0, 1] = 0.5, 0.5
     x[0, 0, 0, 2], x[0, 1, 0, 2] = 0.25, 0.25
-    out = check(canon(x.to(DEV), topk=4))
+    out = check(op_args(x.to(DEV), topk=4))
     assert out[3].cpu()[0].tolist() == [1, 2, 6, 0]
 
 
 @pytest.mark.parametrize("n", [1, 7, 128])
 def test_row_lengths(n):
-    out = check(canon(softmax(2, 2, 3, n, seed=n), topk=min(n, 4), window=1))
+    out = check(op_args(softmax(2, 2, 3, n, seed=n), topk=min(n, 4), window=1))
     if n == 1:  # a single key: entropy 0, max 1, top-1 index 0
         rows = out[2].cpu()
         assert torch.all(rows[:, RowSlot.ENTROPY] == 0)
@@ -249,7 +223,7 @@ def test_tile_and_block_boundaries(monkeypatch, n, from_logits):
     # single tile up to TILE_N_MAX = 32 (31: padded, 32: exact); beyond, blocks of 16 columns
     # (33 and 50: ragged last block, 48: exact); top-16 merges across the blocks
     x = logits(1, 2, 3, n, seed=n) if from_logits else softmax(1, 2, 3, n, seed=n)
-    args = canon(x, logits=from_logits, topk=16, window=4, qoff=n // 2)
+    args = op_args(x, logits=from_logits, topk=16, window=4, qoff=n // 2)
     check(args, monkeypatch, TILE_N_MAX=32, LOOP_BLOCK_N=16)
 
 
@@ -258,7 +232,7 @@ def test_long_rows_one_head_and_ties_across_blocks(monkeypatch):
     x[0, 0, 0, [3, 17, 35]] = 0.25  # equal values in three different column blocks
     x[0, 0, 0, 20] = 0.25
     x[0, 0, 1] = 1.0 / 40  # uniform across blocks
-    out = check(canon(x.to(DEV), topk=6), monkeypatch, TILE_N_MAX=8, LOOP_BLOCK_N=8)
+    out = check(op_args(x.to(DEV), topk=6), monkeypatch, TILE_N_MAX=8, LOOP_BLOCK_N=8)
     idx = out[3].cpu()
     assert idx[0].tolist() == [3, 17, 20, 35, 0, 1]
     assert idx[1].tolist() == [0, 1, 2, 3, 4, 5]
@@ -267,20 +241,20 @@ def test_long_rows_one_head_and_ties_across_blocks(monkeypatch):
 def test_non_contiguous_inputs():
     t = softmax(2, 3, 9, 6, dim=2).transpose(-1, -2)  # [2, 3, 6, 9], unit stride on axis 2
     assert t.stride(-1) != 1
-    check(canon(t, topk=3, window=2))
+    check(op_args(t, topk=3, window=2))
     big = softmax(2, 4, 12, 20)
     sliced = big[:, 1:, ::2, 3:14]  # every stride and the offset differ from contiguous
-    check(canon(sliced, topk=5))
+    check(op_args(sliced, topk=5))
     shared = softmax(2, 1, 4, 10).expand(2, 3, 4, 10)  # head stride 0
     assert shared.stride(1) == 0
-    check(canon(shared, topk=2))
+    check(op_args(shared, topk=2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_input_dtypes(dtype):
     x = softmax(2, 2, 4, 24, seed=3).to(dtype)
-    check(canon(x, topk=4, window=2, qoff=1))
-    check(canon(logits(1, 2, 3, 17, seed=4).to(dtype), logits=True, topk=3))
+    check(op_args(x, topk=4, window=2, qoff=1))
+    check(op_args(logits(1, 2, 3, 17, seed=4).to(dtype), logits=True, topk=3))
 
 
 def test_logits_with_masked_keys_and_nonfinite():
@@ -290,7 +264,7 @@ def test_logits_with_masked_keys_and_nonfinite():
     x[0, 0, 2, 4] = math.nan
     x[0, 1, 3, 2] = math.inf
     x[0, 0, 4, 0] = -math.inf  # a single -inf entry: valid
-    out = check(canon(x.to(DEV), logits=True, topk=3, window=1))
+    out = check(op_args(x.to(DEV), logits=True, topk=3, window=1))
     sums, rows, idx = out[0].cpu(), out[2].cpu(), out[3].cpu()
     assert sums[Slot.COUNT].item() == 3 and sums[Slot.NONFINITE].item() == 3
     assert torch.isnan(rows[1:4]).all() and (idx[1:4] == -1).all()
@@ -304,7 +278,7 @@ def test_row_mask_and_nonfinite_probabilities():
     x[1, 0, 4, 5] = -math.inf
     mask = torch.ones(10, dtype=torch.bool)
     mask[[0, 6, 9]] = False  # row 9 is masked and non-finite: counted as masked only
-    out = check(canon(x.to(DEV), mask=mask.to(DEV), topk=2, window=2))
+    out = check(op_args(x.to(DEV), mask=mask.to(DEV), topk=2, window=2))
     sums, rows, idx = out[0].cpu(), out[2].cpu(), out[3].cpu()
     assert sums[Slot.MASKED].item() == 3
     assert sums[Slot.NONFINITE].item() == 2  # rows 1 and 7 (row 9 is masked)
@@ -316,7 +290,7 @@ def test_row_mask_and_nonfinite_probabilities():
 
 def test_all_rows_invalid():
     x = torch.full((1, 2, 3, 5), math.nan, device=DEV)
-    out = check(canon(x, topk=2))
+    out = check(op_args(x, topk=2))
     sums = out[0].cpu()
     assert sums[Slot.COUNT].item() == 0 and sums[Slot.NONFINITE].item() == 3
     assert sums[Slot.ROWSUM_ERR_MAX].item() == 0 and sums[Slot.FUTURE_MAX].item() == 0
@@ -327,15 +301,15 @@ def test_unnormalised_and_negative_probabilities():
     # not rejected: row-sum error and abs deviation report them; p <= 0 adds no entropy
     gen = torch.Generator().manual_seed(7)
     x = (torch.rand(1, 2, 4, 9, generator=gen) - 0.3).to(DEV)
-    check(canon(x, topk=3, tau=-0.1, window=2, qoff=-2))
+    check(op_args(x, topk=3, tau=-0.1, window=2, qoff=-2))
 
 
 def test_per_head_sums():
     x = softmax(2, 5, 3, 11, seed=8)
-    out = check(canon(x, tau=0.15))
+    out = check(op_args(x, tau=0.15))
     per_head = []
     for g in range(5):
-        s = dist_stats_torch(*canon(x[:, g : g + 1].contiguous(), tau=0.15))[0].cpu()
+        s = dist_stats_torch(*op_args(x[:, g : g + 1].contiguous(), tau=0.15))[0].cpu()
         per_head.append([s[Slot.ENTROPY], s[Slot.MAX], s[Slot.GT_TAU], s[Slot.SUMSQ]])
     torch.testing.assert_close(out[1].cpu(), torch.tensor(per_head, dtype=torch.float64))
 
@@ -346,23 +320,23 @@ def test_every_topk(k):
     x[0, 0, 0] = softmax(20, seed=9).cpu()
     x[0, 0, 1, ::3] = 0.125  # seven ties, then zeros
     x[0, 0, 2] = torch.linspace(0, 1, 20).flip(0) / 10
-    check(canon(x.to(DEV), topk=k))
+    check(op_args(x.to(DEV), topk=k))
 
 
 @pytest.mark.parametrize("window, qoff, qlen", [(0, 0, 4), (2, 3, 4), (1, -1, 3), (-1, 5, 8)])
 def test_window_and_query_offset(window, qoff, qlen):
-    check(canon(softmax(2, 2, 4, 12, seed=10), window=window, qoff=qoff, qlen=qlen, topk=1))
+    check(op_args(softmax(2, 2, 4, 12, seed=10), window=window, qoff=qoff, qlen=qlen, topk=1))
 
 
 def test_without_rows_and_topk():
-    args = canon(softmax(1, 3, 4, 9, seed=11), rows=False)
+    args = op_args(softmax(1, 3, 4, 9, seed=11), rows=False)
     out = check(args)
     assert out[2].shape == (0, RowSlot.NUM) and out[3].shape == (4, 0)
 
 
 def test_empty_rows():
     x = torch.zeros(2, 3, 0, 5, device=DEV)
-    out = K.dist_stats_triton(*canon(x, topk=2))
+    out = K.dist_stats_triton(*op_args(x, topk=2))
     assert torch.equal(out[0].cpu(), torch.zeros(Slot.NUM, dtype=torch.float64))
     assert out[1].shape == (3, HeadSlot.NUM) and out[3].shape == (0, 2)
 
@@ -374,14 +348,14 @@ def test_empty_rows():
 def test_two_stage_finalize(monkeypatch, g):
     # chunks of 4 programs / rows per finalize program, then a pass over the chunk values
     x = softmax(3, g, 7, 10, seed=12)
-    args = canon(x, topk=2, window=1)
+    args = op_args(x, topk=2, window=1)
     one = run(args)
     two = check(args, monkeypatch, FINAL_CHUNK=4)
     assert_same(two, one, rtol=1e-12, atol=1e-12)
 
 
 def test_deterministic():
-    args = canon(softmax(2, 3, 8, 24, seed=13), topk=3, window=2)
+    args = op_args(softmax(2, 3, 8, 24, seed=13), topk=3, window=2)
     a, b = run(args), run(args)
     for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v)  # bitwise: fixed-order reductions, no atomics
@@ -393,7 +367,7 @@ def test_public_api_uses_the_triton_backend(backend):
     backend("triton")
     x = softmax(2, 3, 5, 9, seed=14)
     out = dist_stats(x, reduce_dim=1, topk=2, rows=True, window=1)
-    ref = dist_stats_torch(*canon(x, topk=2, window=1))
+    ref = dist_stats_torch(*op_args(x, topk=2, window=1))
     torch.testing.assert_close(out.sums, ref[0], rtol=1e-4, atol=1e-6)
     assert torch.equal(out.topk.reshape(-1, 2), ref[3])
 
@@ -416,13 +390,13 @@ def test_int64_offsets_with_huge_strides():
         ((1, 1, 3, n), (0, 0, step, 1)),
     ):
         x4 = base.as_strided(shape, stride)
-        check(canon(x4, topk=3, window=2))
+        check(op_args(x4, topk=3, window=2))
     del base
 
 
 def test_bad_topk_names_itself():
     with pytest.raises(ValueError, match="topk"):
-        K.dist_stats_triton(*canon(softmax(1, 1, 2, 20), topk=17))
+        K.dist_stats_triton(*op_args(softmax(1, 1, 2, 20), topk=17))
 
 
 # --------------------------------------------------------------------------- tracing
@@ -431,14 +405,14 @@ def test_bad_topk_names_itself():
 def test_opcheck():
     x = softmax(1, 2, 3, 6, seed=16)
     mask = torch.tensor([True, False, True], device=DEV)
-    torch.library.opcheck(K.dist_stats_triton, canon(x, topk=2, window=1))
+    torch.library.opcheck(K.dist_stats_triton, op_args(x, topk=2, window=1))
     # opcheck compares outputs without equal_nan: no per-row outputs (NaN for masked rows)
-    torch.library.opcheck(K.dist_stats_triton, canon(x, mask=mask, topk=2, rows=False))
+    torch.library.opcheck(K.dist_stats_triton, op_args(x, mask=mask, topk=2, rows=False))
 
 
 def test_torch_compile_fullgraph():
     x = softmax(2, 2, 3, 7, seed=17)
-    args = canon(x, topk=2, window=1)
+    args = op_args(x, topk=2, window=1)
 
     def step(t):
         return K.dist_stats_triton(t, *args[1:])
@@ -505,7 +479,7 @@ def test_tensor_over_2_31_elements():
     x = torch.full((1, 1, rows, n), 1.0 / n, dtype=torch.bfloat16, device="cuda")
     x[0, 0, -2] = 0
     x[0, 0, -2, 7] = 1  # a one-hot row past element 2^31
-    out = K.dist_stats_triton(*canon(x, topk=2))
+    out = K.dist_stats_triton(*op_args(x, topk=2))
     tail = out[2][-3:].cpu()
     assert tail[1, RowSlot.ENTROPY].item() == 0.0 and out[3][-2].tolist() == [7, 0]
     assert tail[0, RowSlot.ENTROPY].item() == pytest.approx(math.log(n), rel=1e-5)
@@ -516,7 +490,7 @@ def test_tensor_over_2_31_elements():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_gpu():
     x = softmax(2, 3, 4, 50, seed=18).to("cuda:1")
-    args = canon(x, topk=3, window=2)
+    args = op_args(x, topk=3, window=2)
     out = K.dist_stats_triton(*args)
     assert all(t.device == x.device for t in out)
     assert_same(out, dist_stats_torch(*args))
@@ -526,5 +500,5 @@ def test_second_gpu():
 def test_benchmark_shape_matches_torch():
     # the GPU target shape class: bf16 attention, heads reduced while reading, N = 2048
     x = softmax(1, 16, 64, 2048, seed=19).bfloat16()
-    args = canon(x, topk=5, window=16)
+    args = op_args(x, topk=5, window=16)
     assert_same(K.dist_stats_triton(*args), dist_stats_torch(*args))
