@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiag.logging import MetricsLogger
+from fastdiag.store import MetricsLogger
 
 STEPS = 1000
 METRICS = 200

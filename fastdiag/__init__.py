@@ -33,7 +33,7 @@ _EXPORTS = {
     "register_attention": "fastdiag.training",
     "probe": "fastdiag.training",
     # store
-    "MetricsLogger": "fastdiag.logging",
+    "MetricsLogger": "fastdiag.store",
     "reference": "fastdiag.reference",
 }
 

@@ -12,7 +12,7 @@ import torch
 
 from fastdiag import _extension
 from fastdiag.cli import build_parser, main
-from fastdiag.logging import MetricsLogger
+from fastdiag.store import MetricsLogger
 
 
 def test_python_dash_m_runs_the_cli():

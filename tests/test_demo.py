@@ -17,9 +17,9 @@ from fastdiag.cli import main
 from fastdiag.demo import QUICK, BaselineLM, SetRoutingLM, load_corpus, run_demo
 from fastdiag.demo.models import SetAttentionBlock
 from fastdiag.demo.train import BASELINE_RUN, SET_RUN, CharData
-from fastdiag.logging import load_metrics
 from fastdiag.report import run_verdicts
 from fastdiag.schema import BASELINE_DIAGNOSTICS, COMPARISON_TABLE, SET_DIAGNOSTICS
+from fastdiag.store import load_metrics
 
 TINY = replace(QUICK, epochs=2, steps_per_epoch=4, batch=4, context=16, dim=32, val_batches=1)
 

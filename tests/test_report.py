@@ -9,10 +9,10 @@ import re
 import numpy as np
 import pytest
 
-from fastdiag.logging import MetricsLogger
 from fastdiag.report import rolling_band, run_verdicts, summarize, trend, write_html
 from fastdiag.report.html import auto_window
 from fastdiag.schema import COMPARISON_TABLE
+from fastdiag.store import MetricsLogger
 
 
 def loop_band(values, window):

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from fastdiag import backends
 from fastdiag.demo.models import BaselineLM, SetRoutingLM
 from fastdiag.diagnostics import BaselineAttentionDiagnostics, SetDiagnostics
-from fastdiag.logging import MetricsLogger
 from fastdiag.report import format_comparison, format_verdicts, write_html
 from fastdiag.schema import Verdict, verdicts
+from fastdiag.store import MetricsLogger
 
 BASELINE_RUN = "baseline"
 SET_RUN = "set-routing"

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fastdiag.logging.store import Series, list_runs, load_metrics
 from fastdiag.report.tables import (
     COMPARISON_HEADERS,
     comparison_rows,
@@ -28,6 +27,7 @@ from fastdiag.report.tables import (
     run_verdicts,
     run_vs_run_rows,
 )
+from fastdiag.store.database import Series, list_runs, load_metrics
 
 
 def auto_window(count: int) -> int:

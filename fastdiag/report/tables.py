@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastdiag.logging.store import Series, history, list_runs, load_metrics
 from fastdiag.schema import COMPARISON_TABLE, Verdict, verdicts
+from fastdiag.store.database import Series, history, list_runs, load_metrics
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
@@ -88,7 +88,10 @@ def format_verdicts(per_run: Mapping[str, Sequence[Verdict]]) -> str:
 def comparison_rows(
     baseline: Mapping[str, float], set_routing: Mapping[str, float]
 ) -> list[list[str]]:
-    """The seed's comparison table: [label, baseline value, set value, interpretation]."""
+    """The baseline vs set-routing comparison table (``schema.COMPARISON_TABLE``).
+
+    Rows: [label, baseline value, set value, interpretation].
+    """
     return [
         [row.label, fmt(baseline.get(row.baseline_key)), fmt(set_routing.get(row.set_key)),
          row.interpretation]

@@ -18,7 +18,7 @@ import warnings
 import pytest
 import torch
 
-from fastdiag.logging import (
+from fastdiag.store import (
     DROPPED_KEY,
     MetricsLogger,
     Sink,
@@ -407,7 +407,7 @@ def test_reading_while_training_writes(tmp_path):
 KILLED_WRITER = textwrap.dedent(
     """
     import sys
-    from fastdiag.logging import MetricsLogger
+    from fastdiag.store import MetricsLogger
 
     logger = MetricsLogger(sys.argv[1], run="killed", flush_interval=0.005)
     step = 0
@@ -450,7 +450,7 @@ def test_sigkill_leaves_an_intact_database_with_every_flushed_step(tmp_path):
 def test_interpreter_exit_closes_the_logger(tmp_path):
     path = tmp_path / "exit.db"
     script = (
-        "import sys\nfrom fastdiag.logging import MetricsLogger\n"
+        "import sys\nfrom fastdiag.store import MetricsLogger\n"
         "logger = MetricsLogger(sys.argv[1], run='x', flush_interval=3600)\n"
         "for step in range(50):\n    logger.log({'v': float(step)}, step)\n"
     )

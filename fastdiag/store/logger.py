@@ -25,15 +25,34 @@ import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from fastdiag.logging.sinks import JSONLSink, Row, Sink, SQLiteSink, TensorBoardSink, WandbSink
-from fastdiag.logging.store import RunInfo
+from fastdiag.store.database import RunInfo
+from fastdiag.store.sinks import JSONLSink, Row, Sink, SQLiteSink, TensorBoardSink, WandbSink
 
 DROPPED_KEY = "health/logger_dropped"
 _MAX_BACKOFF = 30.0
+
+
+class _TensorGroup(NamedTuple):
+    """The one-element tensors of one :meth:`MetricsLogger.log` call on one (device, dtype)."""
+
+    names: list[str]
+    host: torch.Tensor  # the stacked values, on the CPU (or being copied there)
+    event: torch.cuda.Event | None  # recorded after the device-to-host copy; None off CUDA
+
+
+class _QueuedLog(NamedTuple):
+    """One :meth:`MetricsLogger.log` call, queued for the writer thread."""
+
+    step: int
+    wall_time: float
+    names: list[str]  # the Python-number metrics ...
+    values: list[Any]  # ... and their values
+    tensor_groups: list[_TensorGroup]
+    count: int  # rows this call produces
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -75,8 +94,10 @@ class _SinkState:
             batch = self.pending
         else:
             batch = rows
-        if dropped is not None and dropped[2] == self.reported:
-            dropped = None
+        if dropped is not None:
+            _step, _name, dropped_count, _wall = dropped
+            if dropped_count == self.reported:
+                dropped = None
         if not batch and dropped is None and not forced:
             return None
         now = time.monotonic()
@@ -110,7 +131,7 @@ class _SinkState:
         self.pending = []
         self.backoff = self.base_backoff
         if dropped is not None:
-            self.reported = dropped[2]
+            self.reported = dropped_count
         return None
 
     def _trim(self, max_rows: int) -> None:
@@ -128,7 +149,7 @@ class MetricsLogger:
     a (run, step, name) replaces the value. ``config``: a JSON-able dict stored with the run.
     Optional sinks: ``jsonl=PATH`` (a summary line every ``jsonl_every`` steps),
     ``tensorboard=LOG_DIR``, ``wandb=True`` or a dict of ``wandb.init`` arguments, and any
-    :class:`~fastdiag.logging.Sink` in ``sinks``. With ``rank_zero_only`` (default) only
+    :class:`~fastdiag.store.Sink` in ``sinks``. With ``rank_zero_only`` (default) only
     global rank 0 writes and other ranks' calls do nothing; otherwise every rank writes, to
     the run ``<run>-rank<r>``.
     """
@@ -182,7 +203,7 @@ class MetricsLogger:
         self._flush_rows = int(flush_rows)
         self._max_rows = int(max_buffer_rows)
         self._cv = threading.Condition(threading.Lock())
-        self._queue: deque[tuple[Any, ...]] = deque()
+        self._queue: deque[_QueuedLog] = deque()
         self._queued_rows = 0
         self._queue_dropped = 0
         self._ticket = 0
@@ -257,8 +278,9 @@ class MetricsLogger:
                 group = groups.get((value.device, value.dtype))
                 if group is None:
                     group = groups[(value.device, value.dtype)] = ([], [])
-                group[0].append(name)
-                group[1].append(value)
+                group_names, tensors = group
+                group_names.append(name)
+                tensors.append(value)
             elif isinstance(value, numbers.Real):
                 names.append(name)
                 values.append(float(value))
@@ -267,7 +289,7 @@ class MetricsLogger:
                     f"metric {name!r} must be a float, an int or a one-element tensor, "
                     f"got {type(value).__name__}"
                 )
-        tensor_groups = []
+        tensor_groups: list[_TensorGroup] = []
         if groups:
             with torch.no_grad():
                 for (device, dtype), (group_names, tensors) in groups.items():
@@ -285,21 +307,21 @@ class MetricsLogger:
                         host = stacked  # stack already copied: later in-place edits are not seen
                     else:
                         host = stacked.to("cpu")
-                    tensor_groups.append((group_names, host, event))
-        count = len(names) + sum(len(g[0]) for g in tensor_groups)
+                    tensor_groups.append(_TensorGroup(group_names, host, event))
+        count = len(names) + sum(len(group.names) for group in tensor_groups)
         if count == 0:
             return
-        batch = (step, time.time(), names, values, tensor_groups, count)
+        queued = _QueuedLog(step, time.time(), names, values, tensor_groups, count)
         with self._cv:
             if self._closing:
                 self._log_after_close()
                 return
-            self._queue.append(batch)
+            self._queue.append(queued)
             self._queued_rows += count
             while self._queued_rows > self._max_rows and len(self._queue) > 1:
                 old = self._queue.popleft()
-                self._queued_rows -= old[-1]
-                self._queue_dropped += old[-1]
+                self._queued_rows -= old.count
+                self._queue_dropped += old.count
             if self._queued_rows >= self._flush_rows:
                 self._cv.notify_all()
 
@@ -387,14 +409,14 @@ class MetricsLogger:
                     or self._queued_rows >= self._flush_rows
                 ):
                     self._cv.wait(self._interval)
-                batches = list(self._queue)
+                queued = list(self._queue)
                 self._queue.clear()
                 self._queued_rows = 0
                 ticket = self._ticket
                 closing = self._closing
                 forced = closing or ticket > self._ticket_done
             try:
-                rows = self._resolve(batches)
+                rows = self._resolve(queued)
                 self._deliver(rows, forced)
             except Exception as exc:  # noqa: BLE001 - the writer must survive anything
                 with self._cv:
@@ -416,25 +438,26 @@ class MetricsLogger:
                         f"({type(exc).__name__}: {exc})"
                     )
 
-    def _resolve(self, batches: list[tuple[Any, ...]]) -> list[Row]:
+    def _resolve(self, queued: list[_QueuedLog]) -> list[Row]:
         rows: list[Row] = []
-        for step, wall, names, values, tensor_groups, _count in batches:
-            if names:
-                rows.extend(zip(repeat(step), names, map(float, values), repeat(wall)))
-            for group_names, host, event in tensor_groups:
+        for item in queued:
+            step, wall = item.step, item.wall_time
+            if item.names:
+                rows.extend(zip(repeat(step), item.names, map(float, item.values), repeat(wall)))
+            for group in item.tensor_groups:
                 try:
-                    if event is not None:
-                        event.synchronize()
-                    host_values = host.tolist()  # host ok: writer thread, after the event
+                    if group.event is not None:
+                        group.event.synchronize()
+                    host_values = group.host.tolist()  # host ok: writer thread, after the event
                 except Exception as exc:  # noqa: BLE001 - e.g. a failed CUDA kernel
                     with self._cv:
-                        self._queue_dropped += len(group_names)
+                        self._queue_dropped += len(group.names)
                         self._warnings.append(
                             f"fastdiag.MetricsLogger: could not read tensors at step {step} "
                             f"({type(exc).__name__}: {exc})"
                         )
                     continue
-                rows.extend(zip(repeat(step), group_names, map(float, host_values), repeat(wall)))
+                rows.extend(zip(repeat(step), group.names, map(float, host_values), repeat(wall)))
             if self._last_step is None or step > self._last_step:
                 self._last_step = step
         return rows

@@ -6,9 +6,7 @@ Weights & Biases. The readers (``list_runs``, ``metric_names``, ``load_metrics``
 ``history``) open the file read-only and work while a run is writing.
 """
 
-from fastdiag.logging.logger import DROPPED_KEY, MetricsLogger
-from fastdiag.logging.sinks import JSONLSink, Row, Sink, SQLiteSink, TensorBoardSink, WandbSink
-from fastdiag.logging.store import (
+from fastdiag.store.database import (
     RunInfo,
     Series,
     decode_value,
@@ -18,6 +16,8 @@ from fastdiag.logging.store import (
     load_metrics,
     metric_names,
 )
+from fastdiag.store.logger import DROPPED_KEY, MetricsLogger
+from fastdiag.store.sinks import JSONLSink, Row, Sink, SQLiteSink, TensorBoardSink, WandbSink
 
 __all__ = [
     "DROPPED_KEY",

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastdiag.logging.store import INSERT_METRIC, RunInfo, connect, create_schema, encode_value
+from fastdiag.store.database import INSERT_METRIC, RunInfo, connect, create_schema, encode_value
 
 Row = tuple[int, str, float, float]  # (step, name, value, wall_time)
 
