@@ -5,8 +5,9 @@ batch 8, AdamW, MSE loss on the output (fp32, CPU by default). Variants, all in 
 
 * ``none``          - the plain step.
 * ``reference``     - what users run today: every layer's per-head weights (forced with
-  ``need_weights=True``) fed to ``fastdiag.reference.BaselineAttentionDiagnostics`` in a forward
-  hook, and seed 004's gradient loop (``grad.norm().item()`` per parameter) after backward.
+  ``need_weights=True``) fed to ``fastdiag.reference.ReferenceBaselineAttentionDiagnostics`` in
+  a forward hook, and the user's original per-parameter gradient loop (``grad.norm().item()``
+  per parameter) after backward.
 * ``weights_only``  - only the forced ``need_weights=True`` (what any attention capture costs).
 * ``watch``         - ``fastdiag.watch(model, optimizer=opt)``: per-layer attention, gradient
   health, update ratios, every step.
@@ -84,9 +85,9 @@ class Setup:
             )
 
     def _reference_hook(self, name: str, variant: str):
-        from fastdiag.reference import BaselineAttentionDiagnostics
+        from fastdiag.reference import ReferenceBaselineAttentionDiagnostics
 
-        diag = BaselineAttentionDiagnostics()
+        diag = ReferenceBaselineAttentionDiagnostics()
 
         def hook(module, args, output):
             out, weights = output

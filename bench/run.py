@@ -12,7 +12,8 @@ file's previous contents (``dates`` says when each file ran). For ``dist_stats``
 * ``GB/s``: bytes of ``x`` read (``copy``: read + written) / time;
 * ``vs one read``: one-read time / this time, i.e. the fraction of the one-read bandwidth,
   from the interleaved pair of minima when measured (backends), else from the two minima;
-* ``vs reference`` / ``vs seed``: their time / this time (speed-up);
+* ``vs reference`` / ``vs seed``: the time of the ``reference`` / ``seed`` impl (``seed`` = the
+  user's original per-update diagnostics code) / this time (speed-up);
 * ``peak extra``: the memory one call added at its peak (method in the JSON).
 Other benchmark files get one generic row each (min / median time and their extra_info).
 """

@@ -1,11 +1,11 @@
-"""Concept analysis (seed 001): is a concept bottleneck collapsed?
+"""Concept analysis (docs/metrics.md §4): is a concept bottleneck collapsed?
 
 ``concept_analysis(x)`` takes concept vectors x [B, C, D] (B samples, C concepts of dimension D;
 [C, D] is one sample) and reports, from ``fastdiag.ops``:
 
 * ``effective_rank`` / ``effective_rank_ratio``: mean over samples of the effective rank of the
-  C x D concept matrix (METRICS.md section 4) and of its ratio to min(C, D) - the seed's
-  "concept eff. rank 5.45/128";
+  C x D concept matrix (docs/metrics.md §4) and of its ratio to min(C, D) - the figure the
+  user's original concept report prints as "concept eff. rank 5.45/128";
 * ``effective_rank_pooled`` / ``effective_rank_pooled_ratio``: the same for the pooled
   [B*C, D] matrix (all concepts of all samples);
 * ``top1_singular_share`` and ``stable_rank``: means over samples;
@@ -16,10 +16,10 @@
   vectors (a dead dimension reads ~0);
 * ``nonfinite``: NaN / inf entries of x (then the statistics are NaN and every check fails).
 
-Checks (pass/fail, overridable): effective_rank_ratio > 30/128 (the seed's secondary target:
+Checks (pass/fail, overridable): effective_rank_ratio > 30/128 (the user's secondary target:
 effective rank > 30 of 128 concepts), pairwise_cosine_mean < 0.3, pairwise_cosine_max < 0.6
-(the seed's targets); top1_singular_share < 0.5 and min_dimension_std > 0.01 are fastdiag's
-reading of the seed's "top-1 dominance < 50" and "no dead dimensions". The report is returned as
+(the user's targets); top1_singular_share < 0.5 and min_dimension_std > 0.01 are fastdiag's
+reading of the user's "top-1 dominance < 50" and "no dead dimensions". The report is returned as
 a :class:`ConceptReport` (dicts of floats and booleans, ``table()`` for a plain-text table). It
 is a reporting call: it copies its results to the host once.
 """

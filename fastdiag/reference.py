@@ -1,7 +1,7 @@
 """Reference semantics of every fastdiag metric, in plain (slow) PyTorch.
 
-This module is what users run today, rewritten by us and completed with every metric of
-``shared/METRICS.md`` sections 1-3. It copies to the host freely (``.item()``, Python sets of
+This module is the user's original diagnostics code, rewritten by us and completed with every
+metric of docs/metrics.md §1-§3. It copies to the host freely (``.item()``, Python sets of
 top-k indices): it is the oracle that every backend and diagnostics class is tested and
 benchmarked against, so it favours being obviously right over being fast. All statistics are
 computed in float64.
@@ -23,10 +23,11 @@ Epoch semantics of the diagnostics classes (``count_mode``):
   whose batch value was never defined is NaN. Undefined batch values: the Jaccards and
   ``*_weight_change`` on an update without a previous one, ``routing_consistency`` when no
   token had been seen before, any ``std`` / ``var`` / sampled cosine of fewer than 2 values.
-- ``"seed"`` (the user's original quirk, the one documented deviation): every key of the
-  schema is returned and every sum is divided by the total number of updates of the epoch
-  (undefined or missing batch values add 0), except the Jaccards, divided by their own count
-  (NaN when 0). With no update at all every value is NaN.
+- ``"seed"`` (the averaging of the user's original classes; fastdiag's one documented
+  deviation from it is the mode above, docs/metrics.md §8): every key of the schema is returned
+  and every sum is divided by the total number of updates of the epoch (undefined or missing
+  batch values add 0), except the Jaccards, divided by their own count (NaN when 0). With no
+  update at all every value is NaN.
 
 "Epoch" = the updates since the last ``reset()``. ``reset()`` clears the epoch sums and the
 previous top-k / active-set state of the Jaccards, but keeps the previous parameters (weight
@@ -45,8 +46,8 @@ from torch import Tensor
 from fastdiag import schema
 
 __all__ = [
-    "SetDiagnostics",
-    "BaselineAttentionDiagnostics",
+    "ReferenceSetDiagnostics",
+    "ReferenceBaselineAttentionDiagnostics",
     "row_stats",
     "weight_stats",
     "bank_coherence",
@@ -59,7 +60,7 @@ __all__ = [
 ]
 
 COUNT_MODES = ("provided", "seed")
-COSINE_SAMPLES = 100  # rows drawn by the seed's sampled cosine estimate
+COSINE_SAMPLES = 100  # rows drawn by the original classes' sampled cosine estimate
 PATTERN_TOPK = 5  # k of the attention top-k Jaccards
 SPARSITY_TAU = 0.1  # attention_sparsity threshold
 EFFECTIVE_HEAD_ENTROPY = 0.9  # a head counts as effective when its mean H/log Nk is below this
@@ -109,7 +110,7 @@ def gini(counts: Tensor) -> float:
 
 
 def _jaccard(a: set[int], b: set[int]) -> float:
-    """|a & b| / |a | b|; 0 for two empty sets (the seed's convention)."""
+    """|a & b| / |a | b|; 0 for two empty sets (the original classes' convention)."""
     union = len(a | b)
     return len(a & b) / union if union else 0.0
 
@@ -117,7 +118,9 @@ def _jaccard(a: set[int], b: set[int]) -> float:
 def sampled_cosine(
     rows: Tensor, generator: torch.Generator | None = None, samples: int = COSINE_SAMPLES
 ) -> tuple[float, float] | None:
-    """The seed's sampled pairwise cosine of the rows of ``rows`` [M, D]: (off-diagonal mean, max).
+    """Sampled pairwise cosine of the rows of ``rows`` [M, D], as the original classes take it.
+
+    Returns (off-diagonal mean, max).
 
     ``idx = torch.randperm(M, generator=generator)[:n]`` with ``n = min(samples, M)``, drawn on
     the generator's device (the CPU, global RNG, when ``generator`` is None) and moved to the
@@ -235,7 +238,7 @@ class _EpochMeans:
 
 
 # ----------------------------------------------------------------------------------------------
-# Set-routing diagnostics (METRICS.md section 1)
+# Set-routing diagnostics (docs/metrics.md §1)
 # ----------------------------------------------------------------------------------------------
 
 _DELTAS = {
@@ -245,7 +248,7 @@ _DELTAS = {
 }
 
 
-class SetDiagnostics:
+class ReferenceSetDiagnostics:
     """Set-routing diagnostics (``ausa/`` keys), the reference for ``fastdiag.SetDiagnostics``."""
 
     def __init__(self, count_mode: str = "provided") -> None:
@@ -419,12 +422,13 @@ class SetDiagnostics:
 
 
 # ----------------------------------------------------------------------------------------------
-# Baseline attention diagnostics (METRICS.md section 2)
+# Baseline attention diagnostics (docs/metrics.md §2)
 # ----------------------------------------------------------------------------------------------
 
 
-class BaselineAttentionDiagnostics:
-    """Token-attention diagnostics (``baseline/`` keys), the reference for the fastdiag class."""
+class ReferenceBaselineAttentionDiagnostics:
+    """Token-attention diagnostics (``baseline/`` keys), the reference for
+    ``fastdiag.BaselineAttentionDiagnostics``."""
 
     def __init__(self, count_mode: str = "provided") -> None:
         if count_mode not in COUNT_MODES:
@@ -484,7 +488,7 @@ class BaselineAttentionDiagnostics:
             raise ValueError(
                 f"attention_weights must have shape [B, H, N, Nk] or [B, N, Nk], got {tuple(attn.shape)}"
             )
-        a = heads.mean(dim=1)  # [B, N, Nk], the seed's head mean
+        a = heads.mean(dim=1)  # [B, N, Nk], the head mean of the original class
         nk = a.shape[-1]
 
         h = entropy(a)
@@ -526,7 +530,7 @@ class BaselineAttentionDiagnostics:
 
 
 # ----------------------------------------------------------------------------------------------
-# Row statistics oracle (the fused dist_stats op) and weights (METRICS.md section 3)
+# Row statistics oracle (the fused dist_stats op) and weights (docs/metrics.md §3)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -651,3 +655,8 @@ def bank_coherence(atoms: Tensor) -> float:
     unit = a / torch.where(norms > 0, norms, 1.0)[:, None]
     cos = (unit @ unit.T).abs()
     return float(cos[~torch.eye(k, dtype=torch.bool, device=cos.device)].max())
+
+
+# TODO(house): remove once tests/bench use the Reference* names
+SetDiagnostics = ReferenceSetDiagnostics
+BaselineAttentionDiagnostics = ReferenceBaselineAttentionDiagnostics

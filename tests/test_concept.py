@@ -1,4 +1,5 @@
-"""fastdiag.concept_analysis: the seed-001 concept report, against numpy computed here."""
+"""fastdiag.concept_analysis: the concept-collapse report (docs/metrics.md §4), against numpy
+computed here."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """fastdiag.ops.cosine_stats: exact (dense formula, float64 oracle), blockwise, sampled (the
-seed's estimate with the same generator), and the Triton kernel under TRITON_INTERPRET=1."""
+original classes' estimate with the same generator), and the Triton kernel under
+TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def dense(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return mean, best, best_abs
 
 
-def seed_estimate(flat: torch.Tensor, n_samples: int) -> torch.Tensor:
-    """The seed's sampled set_cosine_similarity_mean (SetDiagnostics), re-typed here, consuming
-    the global CPU generator exactly as it does."""
+def original_estimate(flat: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """The original classes' sampled set_cosine_similarity_mean (SetDiagnostics), re-typed
+    here, consuming the global CPU generator exactly as it does."""
     idx = torch.randperm(flat.shape[0])[:n_samples]
     samples = flat[idx]
     cos_sim = torch.mm(samples, samples.t())
@@ -103,17 +104,17 @@ def test_half_and_double_inputs(backend):
         assert_matches(cosine_stats(x), x, rtol=1e-4, atol=1e-5)
 
 
-# ---- sampled: the seed's estimate -------------------------------------------------------------------
+# ---- sampled: the original classes' estimate ----------------------------------------------------
 
 
-def test_sample_reproduces_seed_estimate(backend):
+def test_sample_reproduces_original_estimate(backend):
     backend("torch")
     flat = randn(300, 24)
     g = torch.Generator().manual_seed(1234)
     got = cosine_stats(flat, sample=100, generator=g)
     state = torch.get_rng_state()
     torch.manual_seed(1234)
-    want = seed_estimate(flat, 100)
+    want = original_estimate(flat, 100)
     torch.set_rng_state(state)
     assert got.mean.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-7)
     # the same generator state draws the same rows: max of that sample too
@@ -128,7 +129,7 @@ def test_sample_default_generator_and_small_m(backend):
     torch.manual_seed(7)
     got = cosine_stats(flat, sample=100)  # n = min(100, M): every row, in random order
     torch.manual_seed(7)
-    want = seed_estimate(flat, 40)
+    want = original_estimate(flat, 40)
     assert got.mean.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-7)
     assert_matches(got, flat)
 

@@ -59,7 +59,7 @@ def test_nonfinite_rows_are_excluded():
     assert torch.equal(got.finite_rows[0], x[0])
 
 
-def test_sampled_is_the_seed_draw():
+def test_sampled_is_the_sample_rows_draw():
     x = torch.randn(300, 12, generator=torch.Generator().manual_seed(2))
     got = embedding_stats(x, sample=100, generator=torch.Generator().manual_seed(7))
     idx = sample_rows(300, 100, torch.Generator().manual_seed(7))

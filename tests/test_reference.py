@@ -11,8 +11,8 @@ import torch
 
 from fastdiag import reference, schema
 from fastdiag.reference import (
-    BaselineAttentionDiagnostics,
-    SetDiagnostics,
+    ReferenceBaselineAttentionDiagnostics,
+    ReferenceSetDiagnostics,
     bank_coherence,
     row_stats,
     weight_stats,
@@ -29,7 +29,7 @@ def np_entropy_rows(p: np.ndarray) -> np.ndarray:
 
 
 def np_offdiag_cos(rows: np.ndarray) -> tuple[float, float]:
-    """(mean, max) off-diagonal cosine, the seed's formula with the + 1e-8 on the denominator."""
+    """(mean, max) off-diagonal cosine: the original formula, + 1e-8 on the denominator."""
     n = np.linalg.norm(rows, axis=1)
     cos = rows @ rows.T / (np.outer(n, n) + 1e-8)
     off = cos[~np.eye(len(rows), dtype=bool)]
@@ -53,12 +53,12 @@ def one_hot_probs(top1: list[list[int]], s: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# SetDiagnostics: usage
+# ReferenceSetDiagnostics: usage
 # ----------------------------------------------------------------------------------------------
 
 
 def test_usage_metrics_hand_computed():
-    d = SetDiagnostics()
+    d = ReferenceSetDiagnostics()
     d.update(torch.tensor([[0, 0, 2, -1]]), 4)  # counts [2, 0, 1, 0]
     st = d.get_epoch_stats()
     c = np.array([2.0, 0.0, 1.0, 0.0])
@@ -76,15 +76,15 @@ def test_usage_metrics_hand_computed():
 
 
 def test_usage_topk_indices_and_padding_pooled():
-    flat = SetDiagnostics()
+    flat = ReferenceSetDiagnostics()
     flat.update(torch.tensor([[0, 0, 2, -1]]), 4)
-    topk = SetDiagnostics()
+    topk = ReferenceSetDiagnostics()
     topk.update(torch.tensor([[[0, 2], [-7, 0]]]), 4)  # same counts, any negative is padding
     assert topk.get_epoch_stats() == pytest.approx(flat.get_epoch_stats(), nan_ok=True)
 
 
 def test_usage_single_active_set_std_undefined():
-    d = SetDiagnostics()
+    d = ReferenceSetDiagnostics()
     d.update(torch.tensor([[1, 1, 1]]), 3)
     st = d.get_epoch_stats()
     assert math.isnan(st["ausa/active_set_size_std"])
@@ -95,7 +95,7 @@ def test_usage_single_active_set_std_undefined():
 
 
 def test_all_padding_batch():
-    d = SetDiagnostics()
+    d = ReferenceSetDiagnostics()
     d.update(torch.full((2, 3), -1), 4)
     st = d.get_epoch_stats()
     assert math.isnan(st["ausa/routing_entropy"]) and math.isnan(st["ausa/active_set_ratio"])
@@ -103,7 +103,7 @@ def test_all_padding_batch():
 
 
 def test_set_reuse_jaccard_and_reset():
-    d = SetDiagnostics()
+    d = ReferenceSetDiagnostics()
     d.update(torch.tensor([[0, 2, 2]]), 4)  # {0, 2}
     d.update(torch.tensor([[2, 3, -1]]), 4)  # {2, 3}: 1/3
     d.update(torch.tensor([[3, 2, 3]]), 4)  # {2, 3}: 1
@@ -115,8 +115,8 @@ def test_set_reuse_jaccard_and_reset():
 
 def test_invalid_inputs():
     with pytest.raises(ValueError, match="count_mode"):
-        SetDiagnostics(count_mode="mean")
-    d = SetDiagnostics()
+        ReferenceSetDiagnostics(count_mode="mean")
+    d = ReferenceSetDiagnostics()
     with pytest.raises(ValueError, match="num_sets"):
         d.update(torch.tensor([[0, 4]]), 4)
     with pytest.raises(TypeError, match="integer"):
@@ -128,7 +128,7 @@ def test_invalid_inputs():
 
 
 # ----------------------------------------------------------------------------------------------
-# SetDiagnostics: router output, consistency, embeddings, attention, params
+# ReferenceSetDiagnostics: router output, consistency, embeddings, attention, params
 # ----------------------------------------------------------------------------------------------
 
 
@@ -137,7 +137,7 @@ def test_router_probs_and_logits():
     logits = torch.randn(2, 3, 5, dtype=torch.float64)
     probs = torch.softmax(logits, -1)
     idx = torch.zeros(2, 3, dtype=torch.long)
-    d = SetDiagnostics()
+    d = ReferenceSetDiagnostics()
     d.update_with_router_state(idx, 5, router_probs=probs)
     st = d.get_epoch_stats()
     p = probs.numpy()
@@ -148,7 +148,7 @@ def test_router_probs_and_logits():
     kl = [scipy.stats.entropy(r, np.full(5, 0.2)) for r in p.reshape(-1, 5)]
     assert st["ausa/top1_vs_random_kl"] == pytest.approx(np.mean(kl))
 
-    from_logits = SetDiagnostics()
+    from_logits = ReferenceSetDiagnostics()
     from_logits.update_with_router_state(idx, 5, router_logits=logits.float())
     assert from_logits.get_epoch_stats() == pytest.approx(st, rel=1e-5, nan_ok=True)
 
@@ -159,7 +159,7 @@ def test_routing_consistency_hand_sequence():
         ([[5, 6, 7]], [[2, 0, 1]]),  # 5 matches, 6 does not: 1/2
         ([[7, -1, 6]], [[1, 1, 0]]),  # 7 and 6 match, id -1 ignored: 1
     ]
-    provided, seed = SetDiagnostics(), SetDiagnostics(count_mode="seed")
+    provided, seed = ReferenceSetDiagnostics(), ReferenceSetDiagnostics(count_mode="seed")
     for ids, top1 in steps:
         for d in (provided, seed):
             d.update_with_router_state(
@@ -168,7 +168,7 @@ def test_routing_consistency_hand_sequence():
     assert provided.get_epoch_stats()["ausa/routing_consistency"] == pytest.approx(0.75)
     assert seed.get_epoch_stats()["ausa/routing_consistency"] == pytest.approx(1.5 / 3)
 
-    first = SetDiagnostics()
+    first = ReferenceSetDiagnostics()
     ids, top1 = steps[0]
     first.update_with_router_state(
         torch.tensor(top1), 3, one_hot_probs(top1, 3), token_ids=torch.tensor(ids)
@@ -178,7 +178,7 @@ def test_routing_consistency_hand_sequence():
 
 def test_routing_consistency_fallbacks_and_ties():
     # without probs the top-1 set is bank_indices[..., 0]; the table survives reset()
-    d = SetDiagnostics()
+    d = ReferenceSetDiagnostics()
     d.update_with_router_state(
         torch.tensor([[[1, 0], [2, 0]]]), 3, token_ids=torch.tensor([[4, 9]])
     )
@@ -188,7 +188,7 @@ def test_routing_consistency_fallbacks_and_ties():
     )
     assert d.get_epoch_stats()["ausa/routing_consistency"] == pytest.approx(0.5)
     # tied probabilities: the top-1 set is the lower index
-    tie = SetDiagnostics()
+    tie = ReferenceSetDiagnostics()
     even = torch.tensor([[[0.4, 0.4, 0.2]]])
     tie.update_with_router_state(torch.tensor([[0]]), 3, even, token_ids=torch.tensor([[1]]))
     tie.update_with_router_state(
@@ -200,7 +200,7 @@ def test_routing_consistency_fallbacks_and_ties():
 def test_set_embedding_metrics_all_rows():
     torch.manual_seed(1)
     emb = torch.randn(2, 3, 4, dtype=torch.float64)
-    d = SetDiagnostics()
+    d = ReferenceSetDiagnostics()
     d.update_with_router_state(torch.tensor([[0, 1]]), 3, set_embeddings=emb)
     st = d.get_epoch_stats()
     flat = emb.reshape(-1, 4).numpy()
@@ -220,7 +220,7 @@ def test_set_cosine_sample_follows_generator():
     rows = emb.reshape(-1, 4).double().numpy()[expected_idx.numpy()]
     cmean, cmax = np_offdiag_cos(rows)
 
-    d = SetDiagnostics()
+    d = ReferenceSetDiagnostics()
     d.update_with_router_state(
         torch.tensor([[0]]), 2, set_embeddings=emb, generator=torch.Generator().manual_seed(7)
     )
@@ -229,7 +229,7 @@ def test_set_cosine_sample_follows_generator():
     assert st["ausa/set_cosine_similarity_max"] == pytest.approx(cmax)
 
     torch.manual_seed(7)  # generator=None draws from the global CPU RNG
-    g = SetDiagnostics()
+    g = ReferenceSetDiagnostics()
     g.update_with_router_state(torch.tensor([[0]]), 2, set_embeddings=emb)
     assert g.get_epoch_stats()["ausa/set_cosine_similarity_mean"] == pytest.approx(cmean)
 
@@ -243,7 +243,7 @@ def test_effective_rank_edge_cases():
 
 def test_set_attention_weights():
     w = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], [[0.2, 0.3, 0.5], [0.6, 0.2, 0.2]]])
-    d = SetDiagnostics()
+    d = ReferenceSetDiagnostics()
     d.update_with_router_state(torch.tensor([[0]]), 3, set_attention_weights=w)
     st = d.get_epoch_stats()
     assert st["ausa/set_attention_entropy_mean"] == pytest.approx(np_entropy_rows(w.numpy()).mean())
@@ -260,14 +260,14 @@ def _params() -> dict[str, torch.nn.Parameter]:
 @pytest.mark.parametrize("mode", ["provided", "seed"])
 def test_router_params_norms_and_weight_change(mode):
     params = _params()
-    d = SetDiagnostics(count_mode=mode)
+    d = ReferenceSetDiagnostics(count_mode=mode)
     d.update_with_router_state(torch.tensor([[0]]), 2, router_params=params)
     first = d.get_epoch_stats()
     assert first["ausa/router_gradient_norm"] == pytest.approx(math.sqrt(0.01 + 0.04 + 0.04))
     assert first["ausa/router_param_norm"] == pytest.approx(math.sqrt(1 + 4 + 0.25 + 9))
     if mode == "provided":  # first update: no previous params, not counted
         assert math.isnan(first["ausa/router_weight_change"])
-    else:  # the seed divides the (empty) sum by the update count
+    else:  # the original classes divide the (empty) sum by the update count
         assert first["ausa/router_weight_change"] == 0.0
 
     with torch.no_grad():
@@ -289,7 +289,7 @@ def test_count_modes_differ_when_inputs_are_missing():
     probs = one_hot_probs([[0, 1]], 2)  # confidence 0.85 per token
     runs = {}
     for mode in ("provided", "seed"):
-        d = SetDiagnostics(count_mode=mode)
+        d = ReferenceSetDiagnostics(count_mode=mode)
         d.update(torch.tensor([[0, 1]]), 2)
         d.update_with_router_state(torch.tensor([[0, 1]]), 2, router_probs=probs)
         runs[mode] = d.get_epoch_stats()
@@ -302,20 +302,20 @@ def test_count_modes_differ_when_inputs_are_missing():
     assert (
         runs["seed"]["ausa/set_reuse_jaccard"] == runs["provided"]["ausa/set_reuse_jaccard"] == 1.0
     )
-    # never-provided metrics: absent vs 0.0; the seed mode returns every key
+    # never-provided metrics: absent vs 0.0; count_mode="seed" returns every key
     assert "ausa/set_embedding_variance" not in runs["provided"]
     assert runs["seed"]["ausa/set_embedding_variance"] == 0.0
     assert tuple(runs["seed"]) == schema.SET_DIAGNOSTICS
 
 
 def test_empty_epoch():
-    assert SetDiagnostics().get_epoch_stats() == {}
-    seed = SetDiagnostics(count_mode="seed").get_epoch_stats()
+    assert ReferenceSetDiagnostics().get_epoch_stats() == {}
+    seed = ReferenceSetDiagnostics(count_mode="seed").get_epoch_stats()
     assert tuple(seed) == schema.SET_DIAGNOSTICS and all(math.isnan(v) for v in seed.values())
 
 
 def test_epoch_deltas():
-    d = SetDiagnostics()
+    d = ReferenceSetDiagnostics()
     emb1 = torch.tensor([[[0.0, 0.0], [2.0, 2.0]]])  # variance 2
     emb2 = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])  # variance 0.5
     d.update_with_router_state(torch.tensor([[0, 1]]), 2, one_hot_probs([[0, 1]], 2), emb1)
@@ -337,7 +337,7 @@ def test_epoch_deltas():
 
 def test_full_update_emits_every_key():
     torch.manual_seed(3)
-    d = SetDiagnostics()
+    d = ReferenceSetDiagnostics()
     params = _params()
     for _ in range(2):
         d.update_with_router_state(
@@ -355,14 +355,14 @@ def test_full_update_emits_every_key():
 
 
 # ----------------------------------------------------------------------------------------------
-# BaselineAttentionDiagnostics
+# ReferenceBaselineAttentionDiagnostics
 # ----------------------------------------------------------------------------------------------
 
 
 def test_baseline_head_mean_row_metrics():
     torch.manual_seed(4)
     attn = torch.softmax(torch.randn(2, 3, 4, 6, dtype=torch.float64), -1)
-    d = BaselineAttentionDiagnostics()
+    d = ReferenceBaselineAttentionDiagnostics()
     d.update(attn)
     st = d.get_epoch_stats()
     a = attn.numpy().mean(1)
@@ -386,7 +386,7 @@ def test_pattern_jaccards_tie_rule():
     uniform = [1 / 8] * 8  # all tied: top-5 = {0, 1, 2, 3, 4}
     high = [0.0, 0.0, 0.0, 0.2, 0.2, 0.2, 0.2, 0.2]  # top-5 = {3, ..., 7}
     assert py_topk(uniform, 5) == [0, 1, 2, 3, 4]
-    d = BaselineAttentionDiagnostics()
+    d = ReferenceBaselineAttentionDiagnostics()
     d.update(_rows(uniform, high))
     d.update(_rows(high, uniform))  # same union of indices, every row changed
     st = d.get_epoch_stats()
@@ -394,14 +394,14 @@ def test_pattern_jaccards_tie_rule():
     assert st["baseline/attention_topk_jaccard_per_query"] == pytest.approx(2 / 8)
 
     skew = [0.3] + [0.1] * 7  # ties among the seven 0.1: the lower indices win
-    s = BaselineAttentionDiagnostics()
+    s = ReferenceBaselineAttentionDiagnostics()
     s.update(_rows(skew))
     s.update(_rows(high))
     assert s.get_epoch_stats()["baseline/attention_pattern_jaccard"] == pytest.approx(2 / 8)
 
 
 def test_pattern_jaccard_small_nk_and_shape_change():
-    d = BaselineAttentionDiagnostics()
+    d = ReferenceBaselineAttentionDiagnostics()
     d.update(_rows([0.7, 0.3]))  # k = min(5, 2) = 2: {0, 1}
     d.update(torch.tensor([[[0.0, 0.0, 1.0], [0.1, 0.2, 0.7], [0.5, 0.5, 0.0]]]))
     st = d.get_epoch_stats()
@@ -414,13 +414,13 @@ def test_sparsity_and_effective_heads_use_heads():
     one_hot = torch.eye(8, dtype=torch.float64)[:2]  # entropy 0
     uniform = torch.full((2, 8), 1 / 8, dtype=torch.float64)  # normalised entropy 1
     attn = torch.stack([one_hot, uniform])[None]  # [1, 2 heads, 2, 8]
-    d = BaselineAttentionDiagnostics()
+    d = ReferenceBaselineAttentionDiagnostics()
     d.update(attn)
     st = d.get_epoch_stats()
     assert st["baseline/attention_sparsity"] == pytest.approx((2 + 16) / 32)
     assert st["baseline/attention_effective_heads"] == 0.5
     assert st["baseline/attention_head_entropy_mean"] == pytest.approx(math.log(8) / 2)
-    three = BaselineAttentionDiagnostics()
+    three = ReferenceBaselineAttentionDiagnostics()
     three.update(one_hot[None])  # 3-D input = one head
     assert three.get_epoch_stats()["baseline/attention_effective_heads"] == 1.0
 
@@ -431,7 +431,7 @@ def test_baseline_params_values_and_count_modes():
     attn = torch.softmax(torch.randn(1, 4, 4, dtype=torch.float64), -1)
     runs = {}
     for mode in ("provided", "seed"):
-        d = BaselineAttentionDiagnostics(count_mode=mode)
+        d = ReferenceBaselineAttentionDiagnostics(count_mode=mode)
         params = _params()
         d.update(None, params)  # params-only update
         with torch.no_grad():
@@ -455,7 +455,7 @@ def test_baseline_params_values_and_count_modes():
 
 
 def test_baseline_attention_absent_when_never_given():
-    d = BaselineAttentionDiagnostics()
+    d = ReferenceBaselineAttentionDiagnostics()
     d.update(None, _params())
     assert set(d.get_epoch_stats()) == {
         "baseline/attention_gradient_norm",
