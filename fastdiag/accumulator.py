@@ -31,6 +31,7 @@ class Accumulator:
         self._device = None if device is None else torch.device(device)
         self._index: dict[str, int] = {}
         self._state: Tensor | None = None
+        self._slot_cache: dict[tuple[tuple[str, ...], torch.device], Tensor] = {}
 
     @property
     def names(self) -> list[str]:
@@ -53,6 +54,36 @@ class Accumulator:
         return torch.tensor([self._index[n] for n in names], dtype=torch.long).to(
             device, non_blocking=True
         )
+
+    def slots(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+        """The int64 slot indices of ``names`` on ``device`` (registering new names), cached.
+
+        The cache makes a repeated update cost no host->device copy: the indices of a name tuple
+        never change (``reset`` keeps the names registered).
+        """
+        key = (names, device)
+        idx = self._slot_cache.get(key)
+        if idx is None or self._state is None or self._state.device != device:
+            if len(set(names)) != len(names):
+                raise ValueError(f"names must be unique, got {list(names)}")
+            if self._state is not None and self._state.device != device and self._device is None:
+                self._state = self._state.to(device)
+                self._slot_cache.clear()
+            idx = self._slots(names, self._device or device)
+            self._slot_cache[key] = idx
+        return idx
+
+    def add_at(self, idx: Tensor, values: Tensor) -> None:
+        """Add ``values`` (float64 [K], one per slot of ``idx`` from :meth:`slots`), each counted once.
+
+        Non-finite values add nothing. One fused op on the CPU (``fastdiag::accumulate_`` of the
+        C++ extension); a few torch ops elsewhere.
+        """
+        state = self._state
+        assert state is not None, "add_at() needs slots() first"
+        if values.device != state.device or values.dtype != torch.float64:
+            values = values.to(device=state.device, dtype=torch.float64)
+        _accumulate(state, idx, values)
 
     def add(
         self,
@@ -133,11 +164,29 @@ class Accumulator:
                 f"state must have shape ({len(names)}, 2) for {len(names)} names, got {tuple(state.shape)}"
             )
         self._index = {n: i for i, n in enumerate(names)}
+        self._slot_cache = {}
         if state is None:
             self._state = None
         else:
             device = self._device or state.device
             self._state = state.to(device=device, dtype=torch.float64).clone()
+
+
+def _accumulate_torch(state: Tensor, idx: Tensor, values: Tensor) -> None:
+    ok = torch.isfinite(values)
+    rows = torch.stack([torch.where(ok, values, 0.0), ok.to(values.dtype)], dim=1)
+    state.index_add_(0, idx, rows)
+
+
+def _accumulate(state: Tensor, idx: Tensor, values: Tensor) -> None:
+    """state[idx[i]] += (values[i], 1) for every finite values[i] (in place)."""
+    if state.device.type == "cpu":
+        from fastdiag.ops import summaries  # imported here: it loads the extension
+
+        if summaries.cpu_ops_available():
+            torch.ops.fastdiag.accumulate_(state, idx, values)
+            return
+    _accumulate_torch(state, idx, values)
 
 
 def _first_device(values: Iterable[Any]) -> torch.device:
