@@ -1,4 +1,10 @@
-"""JIT build and load of the C++ / CUDA extension in ``csrc/``.
+"""The one door to the compiled extension: JIT build, load, and ``torch.ops.fastdiag.*``.
+
+Nothing else in the package touches ``torch.ops.fastdiag``: op modules get an extension op with
+:func:`op`, ask for a device kernel with :func:`has_kernel` and declare its fake (meta)
+implementation with :func:`register_fake`, which applies it when the library loads, before any
+``torch.compile`` trace can reach the op. Switches (``FASTDIAG_NO_EXT``, ``FASTDIAG_NO_CUDA_EXT``)
+are read by ``fastdiag.backends``, which calls :func:`load`.
 
 Every ``csrc/*.cpp`` file is compiled into one shared library that registers its ops in the
 ``fastdiag`` torch.library namespace (schemas with ``TORCH_LIBRARY_FRAGMENT``, kernels with
@@ -24,19 +30,43 @@ import torch
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-_on_load: list[Callable[[], None]] = []
+_fakes: dict[str, Callable] = {}
+_fakes_done: set[str] = set()
 
 
-def on_load(callback: Callable[[], None]) -> None:
-    """Run ``callback`` once the library is loaded (now, if it already is).
-
-    Op modules register their fake (meta) implementations this way, so the fakes exist
-    before any ``torch.compile`` trace reaches the ops.
-    """
+def register_fake(name: str, fake: Callable) -> None:
+    """Declare the fake implementation of the extension op ``fastdiag::name`` (applied when the
+    library is loaded, at once if it already is)."""
+    _fakes[name] = fake
     if _state.get("result") is not None:
-        callback()
-    else:
-        _on_load.append(callback)
+        _apply_fakes()
+
+
+def _apply_fakes() -> None:
+    for name, fake in _fakes.items():
+        if name not in _fakes_done and _defined(name):
+            torch.library.register_fake(f"fastdiag::{name}")(fake)
+            _fakes_done.add(name)
+
+
+def _defined(name: str) -> bool:
+    return hasattr(torch.ops.fastdiag, name)
+
+
+def op(name: str) -> Callable | None:
+    """``torch.ops.fastdiag.<name>.default`` of the loaded extension, or None when the library
+    is not loaded or has no such op. Does not build: ``fastdiag.backends`` loads it."""
+    if _state.get("result") is None or not hasattr(torch.ops.fastdiag, name):
+        return None
+    return getattr(torch.ops.fastdiag, name).default
+
+
+def has_kernel(name: str, dispatch_key: str) -> bool:
+    """Whether the loaded extension registered a ``dispatch_key`` ("CPU", "CUDA") kernel for
+    ``fastdiag::name``."""
+    return op(name) is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fastdiag::{name}", dispatch_key
+    )
 
 
 def source_dir() -> Path:
@@ -48,8 +78,8 @@ def source_dir() -> Path:
     raise FileNotFoundError(f"no csrc/ directory with C++ sources next to {here}")
 
 
-def _with_cuda() -> bool:
-    if os.environ.get("FASTDIAG_NO_CUDA_EXT", "0") == "1":
+def _with_cuda(cuda_sources: bool) -> bool:
+    if not cuda_sources:
         return False
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -100,9 +130,10 @@ def _flags(with_cuda: bool) -> dict[str, list[str]]:
     return flags
 
 
-def load(verbose: bool = False) -> str | None:
+def load(verbose: bool = False, *, disabled: bool = False, cuda_sources: bool = True) -> str | None:
     """Build (if needed) and load the extension; returns the library path or None.
 
+    ``disabled``: do neither (None). ``cuda_sources``: compile ``csrc/*.cu`` when CUDA is usable.
     The result is cached for the process: a failed build warns once and is not retried.
     """
     if "result" in _state:  # lock-free once decided
@@ -111,11 +142,11 @@ def load(verbose: bool = False) -> str | None:
         if "result" in _state:
             return _state["result"]  # type: ignore[return-value]
         result: str | None = None
-        if os.environ.get("FASTDIAG_NO_EXT", "0") == "1":
+        if disabled:
             _state["result"] = None
             return None
         try:
-            result = _build_and_load(verbose=verbose)
+            result = _build_and_load(verbose=verbose, cuda_sources=cuda_sources)
         except Exception as exc:  # noqa: BLE001 - any build failure means "use torch"
             warnings.warn(
                 f"fastdiag: the C++ extension could not be built or loaded ({type(exc).__name__}: "
@@ -127,20 +158,18 @@ def load(verbose: bool = False) -> str | None:
             result = None
         _state["result"] = result
         if result is not None:
-            for callback in _on_load:
-                callback()
-            _on_load.clear()
+            _apply_fakes()
         return result
 
 
-def _build_and_load(verbose: bool) -> str:
+def _build_and_load(verbose: bool, cuda_sources: bool) -> str:
     from torch.utils import cpp_extension
 
     if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
         raise RuntimeError("no C++ compiler on PATH")
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed")
-    with_cuda = _with_cuda()
+    with_cuda = _with_cuda(cuda_sources)
     sources = _sources(with_cuda)
     name, build_dir = _build_dir(sources, with_cuda)
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +189,7 @@ def _build_and_load(verbose: bool) -> str:
     return str(lib)
 
 
-def build_extension(verbose: bool = True) -> str | None:
+def build_extension(verbose: bool = True, *, cuda_sources: bool = True) -> str | None:
     """Ahead-of-time build (``python -m fastdiag build-ext``); returns the library path."""
     _state.pop("result", None)
-    return load(verbose=verbose)
+    return load(verbose=verbose, cuda_sources=cuda_sources)

@@ -3,7 +3,7 @@
 One program takes a BLOCK_M-row tile of one matrix x[b] [M, D] and TILES column tiles after
 each other; for each pair of tiles it accumulates the dot products over D in chunks of BLOCK_D
 (fp32, IEEE products: no TF32) together with the squared row norms, forms
-cos_ij = <x_i, x_j> / (|x_i| |x_j| + 1e-8) (the seed's formula) and reduces the off-diagonal
+cos_ij = <x_i, x_j> / (|x_i| |x_j| + 1e-8) (the original code's formula) and reduces the off-diagonal
 entries of the tile to (sum, max, max |.|). It writes those three fp32 partials per program;
 ``cosine_partials`` returns them [B, programs per matrix, 3] and the caller reduces them in a
 fixed order (float64 sum), so no M x M matrix is ever held and the result is deterministic.
@@ -17,7 +17,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-COSINE_EPS = 1e-8
+from fastdiag.ops._cosine_layout import COSINE_EPS
+
+_EPS = tl.constexpr(COSINE_EPS)
 
 
 @triton.jit
@@ -71,7 +73,7 @@ def _cosine_tiles_kernel(
             dots = tl.dot(a, tl.trans(c), dots, input_precision="ieee")
             sq_r += tl.sum(a * a, axis=1)
             sq_c += tl.sum(c * c, axis=1)
-        cos = dots / (tl.sqrt(sq_r)[:, None] * tl.sqrt(sq_c)[None, :] + 1e-8)
+        cos = dots / (tl.sqrt(sq_r)[:, None] * tl.sqrt(sq_c)[None, :] + _EPS)
         valid = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
         total += tl.sum(tl.where(valid, cos, 0.0))
         best = tl.maximum(best, tl.max(tl.where(valid, cos, float("-inf"))))
@@ -116,3 +118,17 @@ def cosine_partials(x: Tensor, block_m: int, block_d: int, tiles: int) -> Tensor
         TILES=tiles,
     )
     return parts
+
+
+def cosine_triton(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The op's triple (sum f64, max, max |.|) per matrix of x [..., M, D], reduced from the
+    per-program partials in a fixed order. CPU tensors only reach here under Triton's
+    interpreter (``fastdiag.backends`` decides), which gets small tiles."""
+    m, d = x.shape[-2], x.shape[-1]
+    block_m, block_d, tiles = launch_config(m, d, interpreting=x.device.type == "cpu")
+    parts = cosine_partials(x.reshape(-1, m, d), block_m, block_d, tiles)
+    lead = x.shape[:-2]
+    total = parts[..., 0].sum(-1, dtype=torch.float64).reshape(lead)
+    best = parts[..., 1].amax(-1).reshape(lead)
+    best_abs = parts[..., 2].amax(-1).reshape(lead)
+    return total, best, best_abs

@@ -9,7 +9,7 @@ import torch
 
 import fastdiag
 from fastdiag import backends
-from fastdiag.ops import cosine
+from fastdiag.ops import _cosine_torch
 from fastdiag.ops.cosine import CosineStats, cosine_stats, cosine_torch
 from tests.conftest import forbid_cuda_sync, forbid_host_sync
 
@@ -81,7 +81,7 @@ def test_blockwise_rows(backend, monkeypatch):
         torch.testing.assert_close(best.double(), want[1], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(best_abs.double(), want[2], rtol=1e-5, atol=1e-6)
     # the public call with a small row-block budget: several blocks, same numbers
-    monkeypatch.setattr(cosine, "_TILE_ELEMS", 2 * 53 * 5)
+    monkeypatch.setattr(_cosine_torch, "_TILE_ELEMS", 2 * 53 * 5)
     assert_matches(cosine_stats(x), x)
 
 

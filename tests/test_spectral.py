@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fastdiag
+from fastdiag import _extension, backends
 from fastdiag.ops import spectral
 from fastdiag.ops.spectral import (
     SpectralStats,
@@ -42,7 +43,8 @@ def loaded():
     """The C++ op; a build failure fails the tests (skip only without a compiler / ninja)."""
     if not _have_toolchain():
         pytest.skip("no C++ compiler or ninja: the extension cannot be built here")
-    op = spectral._loaded_op()
+    backends.load_extension()
+    op = _extension.op("spectral_stats")
     assert op is not None, "the C++ extension failed to build or load (see the warning)"
     return op
 
@@ -351,7 +353,7 @@ def test_too_large_falls_back_with_one_warning(monkeypatch):
         small = spectral_raw(x[:, :8], "jacobi")
     assert sum("both sides larger than 8" in str(w.message) for w in caught) == 1
     assert (out[3] == 0).all()  # the torch path ran
-    assert (small[3] > 0).all() or spectral._loaded_op() is None  # min side 8: the kernel ran
+    assert (small[3] > 0).all() or _extension.op("spectral_stats") is None  # min side 8: the kernel ran
     check(out, x)
 
 
@@ -420,8 +422,8 @@ def test_torch_compile_fullgraph(loaded):
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu_without_sync():
-    spectral._has_kernel.cache_clear()
-    if not spectral._has_kernel("CUDA"):
+    backends.load_extension()
+    if not _extension.has_kernel("spectral_stats", "CUDA"):
         pytest.skip("the CUDA extension is not built")
     shapes = [(64, 128, 512), (8, 200, 150), (4, 300, 300), (3, 1, 7)]
     for shape in shapes:

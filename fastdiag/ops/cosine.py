@@ -18,7 +18,6 @@ makes that matrix's three outputs NaN.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -26,11 +25,37 @@ import torch
 from torch import Tensor
 
 from fastdiag import backends
+from fastdiag.ops._cosine_layout import COSINE_EPS
+from fastdiag.ops._cosine_torch import cosine_torch
 
-__all__ = ["COSINE_EPS", "CosineStats", "bank_coherence", "cosine_stats", "sample_rows"]
 
-COSINE_EPS = 1e-8
-_TILE_ELEMS = 1 << 24  # cosines per row block on the torch path
+def _triton_impl():
+    from fastdiag.kernels.cosine import cosine_triton
+
+    return cosine_triton
+
+
+backends.register(
+    "cosine_stats",
+    {
+        # the kernel accumulates in float32: float64 input runs in torch
+        "triton": backends.Impl(
+            _triton_impl, devices=("cuda",), dtypes=(torch.float32, torch.float16, torch.bfloat16)
+        ),
+        "torch": backends.Impl(lambda: cosine_torch),
+    },
+)
+
+__all__ = [
+    "COSINE_EPS",
+    "CosineStats",
+    "bank_coherence",
+    "check_sample",
+    "cosine_stats",
+    "cosine_torch",
+    "sample_rows",
+]
+
 
 
 class CosineStats(NamedTuple):
@@ -115,60 +140,10 @@ def _cosine_exact(x: Tensor) -> CosineStats:
     if m < 2:
         nan = torch.full(lead, float("nan"), dtype=torch.float32, device=x.device)
         return CosineStats(nan, nan.clone(), nan.clone())
-    if x.dtype != torch.float64 and backends.resolve(x.device) == "triton":
-        total, best, best_abs = _cosine_triton(x)
-    else:
-        total, best, best_abs = cosine_torch(x)
+    total, best, best_abs = backends.implementation("cosine_stats", x.device, x.dtype)(x)
     mean = total / (m * (m - 1))
     # NaN anywhere makes the sum NaN; make max and max_abs say so too (Triton's max skips NaN)
     nan = torch.isnan(mean)
     best = torch.where(nan, float("nan"), best.to(torch.float64))
     best_abs = torch.where(nan, float("nan"), best_abs.to(torch.float64))
     return CosineStats(mean.to(torch.float32), best.to(torch.float32), best_abs.to(torch.float32))
-
-
-@functools.cache
-def _kernels():
-    from fastdiag.kernels import cosine
-
-    return cosine
-
-
-def _cosine_triton(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    kern = _kernels()
-    m, d = x.shape[-2], x.shape[-1]
-    x3 = x.reshape(-1, m, d)
-    block_m, block_d, tiles = kern.launch_config(m, d, backends.triton_interpreting())
-    parts = kern.cosine_partials(x3, block_m, block_d, tiles)
-    lead = x.shape[:-2]
-    total = parts[..., 0].sum(-1, dtype=torch.float64).reshape(lead)
-    best = parts[..., 1].amax(-1).reshape(lead)
-    best_abs = parts[..., 2].amax(-1).reshape(lead)
-    return total, best, best_abs
-
-
-def cosine_torch(x: Tensor, block_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(sum f64, max, max |.|) over the off-diagonal cosines, in row blocks of ``block_rows``
-    (default: ~16M cosines per block over the whole batch), never an M x M matrix beyond that."""
-    work = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    m = work.shape[-2]
-    lead = work.shape[:-2]
-    batch = math.prod(lead)
-    if block_rows is None:
-        block_rows = max(1, min(m, _TILE_ELEMS // max(1, batch * m)))
-    norms = torch.linalg.vector_norm(work, dim=-1)
-    cols = torch.arange(m, device=x.device)
-    total = torch.zeros(lead, dtype=torch.float64, device=x.device)
-    best = torch.full(lead, float("-inf"), dtype=work.dtype, device=x.device)
-    best_abs = torch.full(lead, float("-inf"), dtype=work.dtype, device=x.device)
-    for i0 in range(0, m, block_rows):
-        i1 = min(m, i0 + block_rows)
-        dots = work[..., i0:i1, :] @ work.mT
-        cos = dots / (norms[..., i0:i1, None] * norms[..., None, :] + COSINE_EPS)
-        diag = cols[None, :] == torch.arange(i0, i1, device=x.device)[:, None]
-        total = total + torch.where(diag, 0.0, cos).sum(dim=(-2, -1), dtype=torch.float64)
-        best = torch.maximum(best, torch.where(diag, float("-inf"), cos).amax(dim=(-2, -1)))
-        best_abs = torch.maximum(
-            best_abs, torch.where(diag, float("-inf"), cos.abs()).amax(dim=(-2, -1))
-        )
-    return total, best, best_abs

@@ -40,22 +40,52 @@ Conventions:
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from fastdiag import backends
+from fastdiag import _extension, backends
+from fastdiag.ops._spectral_layout import MAX_DIM, METHODS, NUM_STATS, fake
+from fastdiag.ops._spectral_torch import (
+    jacobi_eigvalsh_torch,
+    spectral_torch,
+    stats_from_sigma,
+    torch_jacobi_sweeps,
+)
 
-__all__ = ["MAX_DIM", "METHODS", "SpectralStats", "effective_rank", "spectral_stats"]
+__all__ = [
+    "MAX_DIM",
+    "METHODS",
+    "NUM_STATS",
+    "SpectralStats",
+    "effective_rank",
+    "jacobi_eigvalsh_torch",
+    "spectral_raw",
+    "spectral_stats",
+    "spectral_torch",
+    "stats_from_sigma",
+    "torch_jacobi_sweeps",
+]
 
-METHODS = ("auto", "jacobi", "tridiagonal")
-MAX_DIM = 1024  # largest min(rows, cols) the extension takes (csrc/spectral.h: kMaxDim)
-NUM_STATS = 5
-_EPS64 = torch.finfo(torch.float64).eps
 _warned_large = False
+
+_extension.register_fake("spectral_stats", fake)
+
+
+def _extension_op():
+    return _extension.op("spectral_stats")
+
+
+backends.register(
+    "spectral_stats",
+    {
+        "cpu": backends.Impl(_extension_op, devices=("cpu",), kernel="spectral_stats"),
+        "cuda": backends.Impl(_extension_op, devices=("cuda",), kernel="spectral_stats"),
+        "torch": backends.Impl(lambda: spectral_torch),
+    },
+)
 
 
 class SpectralStats(NamedTuple):
@@ -99,14 +129,10 @@ def spectral_raw(x: Tensor, method: str = "auto") -> tuple[Tensor, Tensor, Tenso
             "use 'auto' or 'jacobi'"
         )
     x = x.detach()
-    rows, cols = x.shape[-2], x.shape[-1]
-    if min(rows, cols) > MAX_DIM:
+    if min(x.shape[-2], x.shape[-1]) > MAX_DIM:  # beyond the kernels' static sizes
         _warn_too_large(x.shape)
-        return spectral_torch(x)
-    op = _extension_op(x.device)
-    if op is None:
-        return spectral_torch(x)
-    return op(x, method)
+        return spectral_torch(x, method)
+    return backends.implementation("spectral_stats", x.device, x.dtype)(x, method)
 
 
 def _check(x: Tensor) -> None:
@@ -138,163 +164,3 @@ def _warn_too_large(shape: torch.Size) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-# ---- the extension op -------------------------------------------------------------------------
-
-
-def _fake(x: Tensor, method: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    lead = tuple(x.shape[:-2])
-    r = torch.sym_min(x.shape[-2], x.shape[-1])
-    return (
-        x.new_empty((*lead, NUM_STATS), dtype=torch.float64),
-        x.new_empty((*lead, r), dtype=torch.float64),
-        x.new_empty(lead, dtype=torch.int64),
-        x.new_empty(lead, dtype=torch.int32),
-    )
-
-
-@functools.cache
-def _loaded_op():
-    """``torch.ops.fastdiag.spectral_stats`` with its fake registered, or None without the
-    extension."""
-    from fastdiag import _extension
-
-    if _extension.load() is None or not hasattr(torch.ops.fastdiag, "spectral_stats"):
-        return None
-    torch.library.register_fake("fastdiag::spectral_stats")(_fake)
-    return torch.ops.fastdiag.spectral_stats.default
-
-
-@functools.cache
-def _has_kernel(key: str) -> bool:
-    return _loaded_op() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastdiag::spectral_stats", key
-    )
-
-
-def _extension_op(device: torch.device):
-    """The extension op for tensors on ``device``, or None when the torch path must run."""
-    if _path(device.type, device.index) == "extension":
-        return torch.ops.fastdiag.spectral_stats.default  # loaded, fake registered by _path
-    return None
-
-
-@torch.compiler.assume_constant_result
-def _path(device_type: str, device_index: int | None) -> str:
-    """'extension' or 'torch'. Evaluated eagerly under torch.compile (the backend choice and the
-    extension load are host decisions, constant for the traced graph)."""
-    device = torch.device(device_type, device_index)
-    if backends.resolve(device) == "torch":
-        return "torch"
-    if device.type == "cpu" and _has_kernel("CPU"):
-        return "extension"
-    if device.type == "cuda" and _has_kernel("CUDA"):
-        return "extension"
-    return "torch"
-
-
-# ---- the torch path (also the executable spec of the kernels) ----------------------------------
-
-
-def spectral_torch(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Same outputs as the op from the float64 Gram matrix in plain torch: LAPACK's
-    ``eigvalsh`` for CPU tensors; for other devices (CUDA without the extension) a batched
-    two-sided Jacobi in torch ops, because ``torch.linalg.eigvalsh`` checks its LAPACK info on
-    the host there (a synchronisation) and torch has no ``_ex`` variant of it. ``iterations``
-    reports the Jacobi sweeps run (0 for LAPACK)."""
-    rows, cols = x.shape[-2], x.shape[-1]
-    r = min(rows, cols)
-    xd = x.to(torch.float64)
-    finite = torch.isfinite(xd)
-    nonfinite = (~finite).sum(dim=(-2, -1))
-    bad = nonfinite > 0
-    xd = torch.where(finite, xd, 0.0)  # keep the solver away from NaN; those matrices read NaN
-    gram = xd @ xd.mT if rows <= cols else xd.mT @ xd
-    if x.device.type == "cpu" or r > MAX_DIM:
-        lam = torch.linalg.eigvalsh(gram)
-        n_sweeps = 0
-    else:
-        n_sweeps = torch_jacobi_sweeps(r)
-        lam = jacobi_eigvalsh_torch(gram, n_sweeps)
-    lam = lam.sort(dim=-1, descending=True).values
-    cut = r * _EPS64 * lam[..., :1]
-    sigma = torch.where(lam > cut, lam, 0.0).sqrt()
-    stats = stats_from_sigma(sigma)
-    nan = torch.tensor(float("nan"), dtype=torch.float64, device=x.device)
-    stats = torch.where(bad[..., None], nan, stats)
-    sigma = torch.where(bad[..., None], nan, sigma)
-    sweeps = torch.full(bad.shape, n_sweeps, dtype=torch.int32, device=x.device)
-    return stats, sigma, nonfinite, sweeps
-
-
-def torch_jacobi_sweeps(n: int) -> int:
-    """Fixed sweep count of :func:`jacobi_eigvalsh_torch` (it cannot test convergence without a
-    host synchronisation): cyclic Jacobi needs O(log n) sweeps; this leaves >= 2 in reserve."""
-    return 8 + max(1, n - 1).bit_length() // 2
-
-
-@functools.lru_cache(maxsize=32)
-def _round_robin(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Pairs (p, q) of the n - 1 rounds of a round-robin over n (even) indices: [n - 1, n / 2]."""
-    rounds_p, rounds_q = [], []
-    for rnd in range(n - 1):
-        players = [0] + [1 + (slot - 1 + rnd) % (n - 1) for slot in range(1, n)]
-        pairs = [(players[k], players[n - 1 - k]) for k in range(n // 2)]
-        rounds_p.append([min(a, b) for a, b in pairs])
-        rounds_q.append([max(a, b) for a, b in pairs])
-    return (
-        torch.tensor(rounds_p, dtype=torch.long, device=device),
-        torch.tensor(rounds_q, dtype=torch.long, device=device),
-    )
-
-
-def jacobi_eigvalsh_torch(g: Tensor, sweeps: int) -> Tensor:
-    """Eigenvalues [..., n] (unsorted) of symmetric ``g`` [..., n, n] by ``sweeps`` cyclic
-    two-sided Jacobi sweeps, the n / 2 disjoint rotations of a round applied together. Only
-    tensor ops with fixed shapes: no host synchronisation."""
-    n = g.shape[-1]
-    lead = g.shape[:-2]
-    a = g.reshape(-1, n, n).clone()
-    if n % 2:
-        a = torch.nn.functional.pad(a, (0, 1, 0, 1))
-    ne = a.shape[-1]
-    if ne < 2:
-        return a.diagonal(dim1=-2, dim2=-1)[:, :n].reshape(*lead, n)
-    rp, rq = _round_robin(ne, g.device)
-    for _ in range(sweeps):
-        for rnd in range(ne - 1):
-            p, q = rp[rnd], rq[rnd]
-            app, aqq, apq = a[:, p, p], a[:, q, q], a[:, p, q]
-            nz = apq != 0
-            zeta = (aqq - app) / (2 * torch.where(nz, apq, 1.0))
-            t = torch.where(zeta >= 0, 1.0, -1.0) / (zeta.abs() + torch.sqrt(1 + zeta * zeta))
-            t = torch.where(nz, t, 0.0)
-            c = torch.rsqrt(1 + t * t)
-            s = t * c
-            rows_p, rows_q = a[:, p, :], a[:, q, :]
-            a[:, p, :] = c[..., None] * rows_p - s[..., None] * rows_q
-            a[:, q, :] = s[..., None] * rows_p + c[..., None] * rows_q
-            cols_p, cols_q = a[:, :, p], a[:, :, q]
-            a[:, :, p] = c[:, None, :] * cols_p - s[:, None, :] * cols_q
-            a[:, :, q] = s[:, None, :] * cols_p + c[:, None, :] * cols_q
-    return a.diagonal(dim1=-2, dim2=-1)[:, :n].reshape(*lead, n)
-
-
-def stats_from_sigma(sigma: Tensor) -> Tensor:
-    """The five statistics [..., 5] from singular values [..., r] (>= 0, any order), with the
-    kernels' conventions for zero matrices."""
-    r = sigma.shape[-1]
-    total = sigma.sum(-1)
-    smax = sigma.amax(-1)
-    smin = sigma.amin(-1)
-    zero = total <= 0
-    safe = torch.where(zero, 1.0, total)
-    h = (safe.log() - torch.xlogy(sigma, sigma).sum(-1) / safe).clamp_min(0.0)
-    erank = torch.where(zero, 0.0, h.exp())
-    top1 = torch.where(zero, 0.0, smax / safe)
-    smax_safe = torch.where(zero, 1.0, smax)
-    stable = torch.where(zero, 0.0, (sigma * sigma).sum(-1) / (smax_safe * smax_safe))
-    inf = torch.tensor(float("inf"), dtype=sigma.dtype, device=sigma.device)
-    cond = torch.where(smin > 0, smax / torch.where(smin > 0, smin, 1.0), inf)
-    return torch.stack([erank, erank / r, top1, stable, cond], dim=-1)
