@@ -28,10 +28,10 @@ _EXPORTS = {
     # representation quality
     "concept_analysis": "fastdiag.concept",
     # training integration
-    "watch": "fastdiag.training",
-    "TrainingDiagnostics": "fastdiag.training",
-    "register_attention": "fastdiag.training",
-    "probe": "fastdiag.training",
+    "watch": "fastdiag.integrations",
+    "TrainingDiagnostics": "fastdiag.diagnostics.training",
+    "register_attention": "fastdiag.integrations",
+    "probe": "fastdiag.integrations",
     # store
     "MetricsLogger": "fastdiag.store",
     "reference": "fastdiag.reference",

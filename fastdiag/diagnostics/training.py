@@ -1,0 +1,256 @@
+"""``TrainingDiagnostics``: per-layer attention, gradient health and probe statistics.
+
+Fed by the hooks of :func:`fastdiag.watch` (``fastdiag.integrations.hooks``) or directly
+through the ``update_*`` methods; ``get_epoch_stats()`` returns one dict (docs/metrics.md, §5
+"Gradient and training health"):
+
+* ``attention_entropy/{layer}``, ``attention_sparsity/{layer}``, ``attention_top1/{layer}``,
+  ``attention_effective_heads/{layer}`` (:meth:`TrainingDiagnostics.update_attention`).
+  Per-head values: entropy and top-1 are means over the B*H*N per-head rows, sparsity the share
+  of per-head entries > ``tau``, effective heads the share of heads whose mean entropy / log Nk
+  is below ``effective_head_entropy``.
+* ``grad_norm/{group}``, ``grad_norm_total``, ``param_norm/{group}``, ``health/nan_infs`` and
+  ``health/nan_infs/{group}`` (:meth:`TrainingDiagnostics.update_gradients`), and
+  ``update_ratio/{group}`` (:meth:`TrainingDiagnostics.update_ratio`, after an optimizer step).
+  ``health/nan_infs/{group}`` is returned only for the groups that had a non-finite entry.
+* ``{probe key}`` (:meth:`TrainingDiagnostics.update_probe`).
+
+The keys are dynamic (per layer, per group, per probe): :meth:`TrainingDiagnostics.metric_keys`
+lists them in the order they were first recorded. Values are computed on the device by
+``fastdiag.ops`` and :class:`~fastdiag.diagnostics.params.ParamTracker`, and accumulated by the
+:class:`~fastdiag.diagnostics.base.Diagnostics` base class: nothing is copied to the host before
+``get_epoch_stats()``. Epoch value = mean of the batch values of the updates since ``reset()``
+(non-finite batch values are not counted); with ``sync_dist=True`` the mean over all ranks'
+batch values.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastdiag import ops
+from fastdiag.accumulator import Accumulator
+from fastdiag.diagnostics.base import Diagnostics
+from fastdiag.diagnostics.params import GroupSpec, ParamTracker
+from fastdiag.ops import HeadSlot, Slot
+
+__all__ = [
+    "ATTENTION_METRICS",
+    "EFFECTIVE_HEAD_ENTROPY",
+    "SPARSITY_TAU",
+    "TrainingDiagnostics",
+    "attention_values",
+]
+
+# TODO(schema): these two move to fastdiag/schema.py; import them from there once they exist
+SPARSITY_TAU = 0.1  # an attention entry > 0.1 counts as concentrated (docs/metrics.md §5)
+EFFECTIVE_HEAD_ENTROPY = 0.9  # a head is "effective" when its mean H / log Nk is below this
+ATTENTION_METRICS = (
+    "attention_entropy",
+    "attention_sparsity",
+    "attention_top1",
+    "attention_effective_heads",
+)
+_NAN_INFS_GROUP = "health/nan_infs/"
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-update attention summary.
+# TO MOVE: this function belongs in fastdiag/ops/summaries.py (the ops layer owns every formula);
+# it lives here only until that module is open for it. The class below only calls it.
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_values(sums: Tensor, head_sums: Tensor, nk: int, threshold: float) -> Tensor:
+    """[entropy, sparsity, top1, effective heads] float64 [4] of one ``dist_stats`` result
+    (``reduce_dim=1``, per-head sums ``head_sums`` [H, ...]) over Nk = ``nk`` keys.
+
+    Means over the valid B*H*N per-head rows; effective heads = share of heads whose mean
+    entropy / log Nk is below ``threshold`` (NaN when no row is valid, none when Nk = 1).
+    """
+    count = sums[Slot.COUNT]
+    heads = head_sums.shape[0]
+    rows = count * heads
+    entropy = head_sums[:, HeadSlot.ENTROPY].sum() / rows
+    sparsity = head_sums[:, HeadSlot.GT_TAU].sum() / (rows * nk)
+    top1 = head_sums[:, HeadSlot.MAX].sum() / rows
+    head_entropy = head_sums[:, HeadSlot.ENTROPY] / count
+    # Nk = 1: H / log 1 is NaN (as dist_stats documents), so no head counts as effective,
+    # the same value BaselineAttentionDiagnostics gives
+    normalised = head_entropy / math.log(nk) if nk > 1 else head_entropy * math.nan
+    effective = (normalised < threshold).double().mean()
+    effective = torch.where(count > 0, effective, torch.full_like(effective, math.nan))
+    return torch.stack([entropy, sparsity, top1, effective])
+
+
+# ----------------------------------------------------------------------------------------------
+# The class
+# ----------------------------------------------------------------------------------------------
+
+
+class TrainingDiagnostics(Diagnostics):
+    """Per-layer attention, gradient-health and probe statistics, accumulated on the device.
+
+    tau: attention sparsity threshold; effective_head_entropy: a head counts as effective when
+    its mean normalised entropy is below it; device: where the accumulated state lives (default:
+    the device of the values recorded).
+    """
+
+    def __init__(
+        self,
+        *,
+        tau: float = SPARSITY_TAU,
+        effective_head_entropy: float = EFFECTIVE_HEAD_ENTROPY,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.tau = _number(tau, "tau")
+        self.effective_head_entropy = _number(effective_head_entropy, "effective_head_entropy")
+        self.device = None if device is None else torch.device(device)
+        self._attention_keys: dict[str, tuple[str, ...]] = {}
+        self._probe_keys: dict[str, tuple[str]] = {}
+        self._trackers: dict[Any, ParamTracker] = {}
+
+    @property
+    def accumulator(self) -> Accumulator:
+        """The packed (sum, count) state behind every metric (read it, do not write it)."""
+        return self._acc
+
+    def metric_keys(self) -> tuple[str, ...]:
+        """Every key recorded so far (since construction or the loaded state), first-recorded first."""
+        return tuple(n for n in self._acc.names if not n.startswith("_"))
+
+    def _epoch_values(self, raw: dict[str, float]) -> dict[str, float]:
+        values = super()._epoch_values(raw)
+        return {k: v for k, v in values.items() if not (k.startswith(_NAN_INFS_GROUP) and not v > 0)}
+
+    def _record(self, names: tuple[str, ...], values: Tensor) -> None:
+        if self.device is not None:
+            values = values.to(self.device)
+        self._add(names, values.to(torch.float64))
+
+    # -- updates ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_attention(
+        self,
+        name: str,
+        weights: Tensor,
+        *,
+        from_logits: bool = False,
+        row_mask: Tensor | None = None,
+    ) -> None:
+        """Record one batch of attention for layer ``name``.
+
+        weights: [B, H, N, Nk] per-head probabilities (logits with ``from_logits``) or
+        [B, N, Nk] (one head). row_mask: bool [B, N], False rows (padding queries) ignored.
+        Batch values: see :func:`attention_values`; NaN (not counted) when no row is valid.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if not isinstance(weights, Tensor):
+            raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
+        if weights.dim() not in (3, 4):
+            raise ValueError(
+                f"weights must have shape [B, H, N, Nk] or [B, N, Nk], got {tuple(weights.shape)}"
+            )
+        w = weights.detach()
+        if w.dim() == 3:
+            w = w.unsqueeze(1)
+        ds = ops.dist_stats(w, from_logits=from_logits, reduce_dim=1, tau=self.tau, row_mask=row_mask)
+        values = attention_values(ds.sums, ds.head_sums, w.shape[-1], self.effective_head_entropy)
+        keys = self._attention_keys.get(name)
+        if keys is None:
+            keys = self._attention_keys[name] = tuple(f"{m}/{name}" for m in ATTENTION_METRICS)
+        self._record(keys, values)
+
+    @torch.no_grad()
+    def update_gradients(
+        self,
+        parameters: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+        *,
+        group: GroupSpec = "parameter",
+        snapshot: bool = False,
+        tracker: ParamTracker | None = None,
+    ) -> None:
+        """Record gradient health of named parameters (those without ``.grad`` are skipped).
+
+        Batch values: ``grad_norm/{g}`` and ``param_norm/{g}`` (L2 over the group's tensors),
+        ``grad_norm_total`` (L2 over all gradients), ``health/nan_infs`` (non-finite gradient
+        entries) and ``health/nan_infs/{g}``. ``group``: ``"parameter"``, ``"module"``, an int
+        depth, a callable name -> group or ``"auto"`` (see :func:`fastdiag.watch`).
+        ``snapshot``: also keep a copy of those parameters for :meth:`update_ratio` (call it
+        after the optimizer step). ``tracker``: a :class:`ParamTracker` of the caller's (its own
+        group and snapshot, e.g. one per watched model) instead of this object's one for
+        ``group``.
+        """
+        out = self._tracker(group, tracker).gradient_stats(parameters, snapshot=snapshot)
+        if out is not None:
+            self._record(*out)
+
+    @torch.no_grad()
+    def update_ratio(
+        self,
+        parameters: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+        *,
+        group: GroupSpec = "parameter",
+        tracker: ParamTracker | None = None,
+    ) -> None:
+        """Record ``update_ratio/{g}`` = ||param now - snapshot|| / ||snapshot|| per group, for the
+        parameters of the last ``update_gradients(..., snapshot=True)`` with the same ``group``
+        (or ``tracker``); nothing without one. A group whose snapshot norm is 0 adds nothing
+        (no finite ratio)."""
+        out = self._tracker(group, tracker).update_ratios(parameters)
+        if out is not None:
+            self._record(*out)
+
+    def _tracker(self, group: GroupSpec, tracker: ParamTracker | None) -> ParamTracker:
+        """``tracker``, else this object's tracker of ``group`` (one per group spec)."""
+        if tracker is not None:
+            if not isinstance(tracker, ParamTracker):
+                raise TypeError(f"tracker must be a ParamTracker or None, got {type(tracker).__name__}")
+            return tracker
+        tracker = self._trackers.get(group)
+        if tracker is None:
+            tracker = self._trackers[group] = ParamTracker("parameters", group=group)
+        return tracker
+
+    @torch.no_grad()
+    def update_probe(self, key: str, value: Tensor | float) -> None:
+        """Record one value of probe ``key`` (a tensor is averaged over its entries, on device)."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, got {type(key).__name__}")
+        if isinstance(value, Tensor):
+            v = value.detach()
+            v = v.reshape(1) if v.numel() == 1 else v.double().mean().reshape(1)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            v = torch.tensor([float(value)], dtype=torch.float64)
+        else:
+            raise TypeError(f"probe {key!r} must return a tensor or a number, got {type(value).__name__}")
+        keys = self._probe_keys.get(key)
+        if keys is None:
+            keys = self._probe_keys[key] = (key,)
+        self._record(keys, v)
+
+    # -- epoch --------------------------------------------------------------------------------
+
+    def get_epoch_stats(self, sync_dist: bool = False, process_group: Any = None) -> dict[str, float]:
+        """Every recorded metric's epoch value (one device->host copy; one all_reduce when synced).
+
+        Keys recorded before the last ``reset()`` and not since are absent;
+        ``health/nan_infs/{group}`` appears only for groups that had a non-finite gradient.
+        """
+        return super().get_epoch_stats(sync_dist=sync_dist, process_group=process_group)
+
+
+def _number(x: Any, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+    return float(x)
+
