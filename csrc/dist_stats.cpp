@@ -6,6 +6,8 @@
 // per-head statistics on the fly while the head mean accumulates in a per-thread buffer (rows
 // are taken in tiles, read head by head: see tile_rows), then one statistics pass over the
 // mean row, top-k, and the future / local mass sums over sub-ranges of the (cached) row.
+// want_heads = false compiles a second instantiation (HEADS = false) whose head loop only
+// accumulates the head mean: no per-head logarithm, max, count or sum of squares.
 //
 // Determinism: rows are cut into fixed blocks (the cut depends on the shape only, never on the
 // thread count); each block writes float64 partials, combined afterwards in block order.
@@ -354,6 +356,26 @@ HeadVals head_pass(const float* q, int64_t n, float d, float* buf, bool first, f
   return {-hsum(xlx), hmax(mx), static_cast<float>(hcount(cnt)), hsum(sq)};
 }
 
+// HEADS = false: v_j = q_j / d (DIV) or q_j added into buf (stored when first), the same
+// arithmetic as head_pass, so the head mean is bit-identical, without any head statistic.
+template <bool DIV>
+void accum_pass(const float* q, int64_t n, float d, float* buf, bool first, const float* pf) {
+  const vf dv = splat(d);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    if (pf) prefetch(pf + j);
+    vf v = loadv(q + j);
+    if (DIV) v = v / dv;
+    storev(buf + j, first ? v : loadv(buf + j) + v);
+  }
+  if (j < n) {
+    const int64_t rem = n - j;
+    vf v = load_partial(q + j, rem);
+    if (DIV) v = v / dv;
+    store_partial(buf + j, first ? v : load_partial(buf + j, rem) + v, rem);
+  }
+}
+
 struct RowVals {
   float ent, mx, sq, ntau, neps, sum, dev;
   vf lane_max;  // per-lane maxima (lane l holds entries j = l mod 16), for the top-k threshold
@@ -636,6 +658,7 @@ struct Problem {
   int64_t A, G, C, N;
   int64_t sA, sG, sC, sN;
   bool logits;
+  bool heads;  // want_heads: per-head statistics (else head_sums is NaN)
   int64_t k;
   float tau, eps;
   int64_t window, query_offset, query_len;
@@ -708,7 +731,8 @@ void invalid_row(const Problem& P, int64_t r, bool masked, double* part) {
 
 // Everything after the statistics pass of a valid row with distribution p (contiguous float32):
 // future / local mass, top-k, the per-row outputs, and the row's share of the partials
-// (part: kNumSlots + G * kNumHeadSlots doubles; hv: the row's G x HeadSlot values).
+// (part: kNumSlots [+ G * kNumHeadSlots with heads] doubles; hv: the row's G x HeadSlot
+// values, nullptr without heads).
 void finish_row(const Problem& P, const RowPos& at, const float* p, const RowVals& rv,
                 const float* hv, Scratch& S, double* part) {
   const int64_t r = at.r, n = P.N;
@@ -745,8 +769,10 @@ void finish_row(const Problem& P, const RowPos& at, const float* p, const RowVal
   part[kFutureMax] = std::max(part[kFutureMax], static_cast<double>(future));
   part[kLocal] += local;
   part[kAbsDev] += abs_dev;
-  double* hpart = part + kNumSlots;
-  for (int64_t i = 0; i < P.G * kNumHeadSlots; ++i) hpart[i] += hv[i];
+  if (hv) {
+    double* hpart = part + kNumSlots;
+    for (int64_t i = 0; i < P.G * kNumHeadSlots; ++i) hpart[i] += hv[i];
+  }
 }
 
 // G = 1: one row at a time (consecutive rows are one stream already); the next row is
@@ -778,13 +804,26 @@ void process_row(const Problem& P, const typename T::raw* x, const RowPos& at, S
     p = q;
   }
   const float hv[kNumHeadSlots] = {rv.ent, rv.mx, rv.ntau, rv.sq};  // the row is its one head
-  finish_row(P, at, p, rv, hv, S, part);
+  finish_row(P, at, p, rv, P.heads ? hv : nullptr, S, part);
 }
 
 constexpr int64_t kPrefetchRuns = 2;
 
-// G > 1: the rows of a tile [at0, at0 + count) head by head, then each row's mean pass.
+// Every head of the row at offset base is finite (the rare check of a probability row whose
+// head mean has a non-finite sum of squares, when the per-head statistics are off).
 template <typename T>
+bool heads_finite(const Problem& P, const typename T::raw* x, int64_t base, Scratch& S) {
+  for (int64_t g = 0; g < P.G; ++g) {
+    const typename T::raw* none = nullptr;
+    if (!all_finite(load_row<T>(x + base + g * P.sG, P.sN, P.N, S.cvt.data(), none), P.N))
+      return false;
+  }
+  return true;
+}
+
+// G > 1: the rows of a tile [at0, at0 + count) head by head, then each row's mean pass.
+// HEADS: with the per-head statistics; else the head loop only accumulates the mean.
+template <typename T, bool HEADS>
 void process_tile(const Problem& P, const typename T::raw* x, RowPos at0, int64_t count,
                   Scratch& S, double* part) {
   const int64_t n = P.N, G = P.G, R = P.A * P.C;
@@ -808,6 +847,21 @@ void process_tile(const Problem& P, const typename T::raw* x, RowPos at0, int64_
       const typename T::raw* pf = P.sN == 1 && pf_off >= 0 ? x + pf_off : nullptr;
       const float* q = load_row<T>(x + off, P.sN, n, S.cvt.data(), pf);
       const float* pff = reinterpret_cast<const float*>(pf);
+      if constexpr (!HEADS) {
+        if (P.logits) {
+          bool bad;
+          const float m = logits_max(q, n, bad, pff);
+          if (bad) {
+            S.ok[t] = 0;
+            continue;
+          }
+          const float s = exp_pass(q, n, m, S.tmp.data());
+          accum_pass<true>(S.tmp.data(), n, s, S.row_buf(t), g == 0, nullptr);
+        } else {  // finiteness: checked on the mean row below
+          accum_pass<false>(q, n, 1.f, S.row_buf(t), g == 0, pff);
+        }
+        continue;
+      }
       HeadVals h;
       if (P.logits) {
         bool bad;
@@ -843,7 +897,15 @@ void process_tile(const Problem& P, const typename T::raw* x, RowPos at0, int64_
     // mean over heads as sum / G (the rounding of torch's mean)
     const RowVals rv = main_pass<true, true>(buf, buf, n, static_cast<float>(G), P.tau, P.eps,
                                              inv_n, nullptr);
-    finish_row(P, pos[t], buf, rv, S.row_head(t, G), S, part);
+    if constexpr (!HEADS) {
+      // a non-finite head makes the mean's sum of squares non-finite; finite heads whose
+      // squares (or sum) overflow do too, so then the heads are checked themselves (rare)
+      if (!P.logits && !std::isfinite(rv.sq) && !heads_finite<T>(P, x, base[t], S)) {
+        invalid_row(P, r, false, part);
+        continue;
+      }
+    }
+    finish_row(P, pos[t], buf, rv, HEADS ? S.row_head(t, G) : nullptr, S, part);
   }
 }
 
@@ -857,11 +919,12 @@ int64_t rows_per_block(const Problem& P, int64_t width) {
   return std::max(rpb, (R + max_blocks - 1) / max_blocks);
 }
 
-template <typename T>
-void run(const Problem& P, const typename T::raw* x, double* sums, double* head_sums) {
+template <typename T, bool HEADS>
+void run_heads(const Problem& P, const typename T::raw* x, double* sums, double* head_sums) {
   const int64_t R = P.A * P.C;
-  const int64_t width = kNumSlots + P.G * kNumHeadSlots;
-  const int64_t rpb = rows_per_block(P, width);
+  // the row blocks (hence the float64 summation order) do not depend on want_heads
+  const int64_t rpb = rows_per_block(P, kNumSlots + P.G * kNumHeadSlots);
+  const int64_t width = kNumSlots + (HEADS ? P.G * kNumHeadSlots : 0);
   const int64_t nblocks = (R + rpb - 1) / rpb;
   std::vector<double> parts(static_cast<size_t>(nblocks * width), 0.0);
   // Threads take blocks from a shared counter (a busy core slows the run down by its share
@@ -879,7 +942,7 @@ void run(const Problem& P, const typename T::raw* x, double* sums, double* head_
       } else {
         while (at.r < r1) {
           const int64_t count = std::min(S.T, r1 - at.r);
-          process_tile<T>(P, x, at, count, S, part);
+          process_tile<T, HEADS>(P, x, at, count, S, part);
           for (int64_t t = 0; t < count; ++t) at = at.next(P);
         }
       }
@@ -893,14 +956,24 @@ void run(const Problem& P, const typename T::raw* x, double* sums, double* head_
       else
         sums[s] += part[s];
     }
-    for (int64_t i = 0; i < P.G * kNumHeadSlots; ++i) head_sums[i] += part[kNumSlots + i];
+    if (HEADS) {
+      for (int64_t i = 0; i < P.G * kNumHeadSlots; ++i) head_sums[i] += part[kNumSlots + i];
+    }
   }
+}
+
+template <typename T>
+void run(const Problem& P, const typename T::raw* x, double* sums, double* head_sums) {
+  if (P.heads)
+    run_heads<T, true>(P, x, sums, head_sums);
+  else
+    run_heads<T, false>(P, x, sums, head_sums);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dist_stats_cpu(
     const at::Tensor& x4, const std::optional<at::Tensor>& row_mask, bool from_logits,
     int64_t topk, double tau, double eps, int64_t window, int64_t query_offset,
-    int64_t query_len, bool want_rows) {
+    int64_t query_len, bool want_rows, bool want_heads) {
   TORCH_CHECK(x4.device().is_cpu(), "dist_stats_cpu: x4 must be a CPU tensor, got ", x4.device());
   TORCH_CHECK(x4.dim() == 4, "dist_stats_cpu: x4 must be 4-D [A, G, C, N], got shape ", x4.sizes());
   const auto dt = x4.scalar_type();
@@ -917,7 +990,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dist_stats_cpu(
 
   const auto f64 = x4.options().dtype(at::kDouble);
   at::Tensor sums = at::zeros({kNumSlots}, f64);
-  at::Tensor head_sums = at::zeros({G, kNumHeadSlots}, f64);
+  at::Tensor head_sums =
+      want_heads ? at::zeros({G, kNumHeadSlots}, f64) : at::full({G, kNumHeadSlots}, NAN, f64);
   at::Tensor rows = at::empty({want_rows ? R : 0, kNumRowSlots}, x4.options().dtype(at::kFloat));
   at::Tensor top = at::empty({R, topk}, x4.options().dtype(at::kLong));
   if (R == 0) return {sums, head_sums, rows, top};
@@ -932,7 +1006,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dist_stats_cpu(
   }
   Problem P{A, G, C, N,
             x4.stride(0), x4.stride(1), x4.stride(2), x4.stride(3),
-            from_logits, topk, static_cast<float>(tau), static_cast<float>(eps),
+            from_logits, want_heads, topk, static_cast<float>(tau), static_cast<float>(eps),
             window, query_offset, query_len,
             mask.defined() ? mask.data_ptr<bool>() : nullptr,
             want_rows ? rows.data_ptr<float>() : nullptr,
@@ -962,7 +1036,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dist_stats_cpu(
 TORCH_LIBRARY_FRAGMENT(fastdiag, m) {
   m.def(
       "dist_stats_cpu(Tensor x4, Tensor? row_mask, bool from_logits, int topk, float tau, "
-      "float eps, int window, int query_offset, int query_len, bool want_rows) "
+      "float eps, int window, int query_offset, int query_len, bool want_rows, "
+      "bool want_heads=True) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -24,7 +24,10 @@ Definitions, per valid row ``p`` of length N: ``entropy = -sum_{p_j > 0} p_j log
 ``sumsq = sum_j p_j^2``, ``gt_tau = #{j: p_j > tau}``, ``gt_eps = #{j: p_j > eps}``,
 ``rowsum_err = |sum_j p_j - 1|``, ``abs_dev = mean_j |p_j - 1/N|``.
 Per head g (only meaningful with ``reduce_dim``) the same entropy / max / gt_tau / sumsq
-of the head's own row ``x4[a, g, c, :]`` (softmaxed for logits).
+of the head's own row ``x4[a, g, c, :]`` (softmaxed for logits). They cost a logarithm per
+input element per head; with ``heads=False`` (op argument ``want_heads``) no backend computes
+any of them and ``head_sums`` keeps its shape [G, 4] but is all NaN, while every other output is
+the same as with ``heads=True``.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ class DistStats(NamedTuple):
     """Result of :func:`dist_stats` (all tensors on the input's device).
 
     sums:      float64 [Slot.NUM], see :class:`Slot`.
-    head_sums: float64 [G, HeadSlot.NUM] per entry of ``reduce_dim`` (G = 1 without it).
+    head_sums: float64 [G, HeadSlot.NUM] per entry of ``reduce_dim`` (G = 1 without it);
+               all NaN (same shape) when called with ``heads=False``.
     rows:      float32 [*L, RowSlot.NUM] when ``rows=True``, else [0, RowSlot.NUM];
                L = leading shape of ``x`` without the reduced axis.
     topk:      int64 [*L, k] top-k indices (k = ``topk``; [*L, 0] when topk = 0).
@@ -194,6 +198,7 @@ def dist_stats(
     window: int | None = None,
     query_offset: int = 0,
     rows: bool = False,
+    heads: bool = True,
 ) -> DistStats:
     """Row statistics of the distributions on the last axis of ``x``, read once.
 
@@ -206,6 +211,8 @@ def dist_stats(
     window:   local-mass half width (|j - i| <= window); None skips local mass.
     query_offset: key index of query 0 (KV-cache offset) for future / local mass.
     rows:     also return per-row entropy / max / support / sumsq.
+    heads:    compute the per-head statistics (``head_sums``); False skips them (a logarithm
+              per input element per head) and fills ``head_sums`` [G, 4] with NaN.
 
     Returns :class:`DistStats`; nothing is copied to the host.
     """
@@ -229,6 +236,7 @@ def dist_stats(
         int(query_offset),
         int(query_len),
         bool(rows),
+        bool(heads),
     )
     if rows:
         row_out = row_out.view(*lead, RowSlot.NUM)

@@ -96,12 +96,15 @@ def dist_stats_torch(
     query_offset: int,
     query_len: int,
     want_rows: bool,
+    want_heads: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Torch backend of the canonical op; see ``fastdiag.ops._dist_stats`` for the contract."""
     a_dim, g_dim, c_dim, n = x4.shape
     dev = x4.device
     sums = torch.zeros(Slot.NUM, dtype=torch.float64, device=dev)
-    head_sums = torch.zeros(g_dim, HeadSlot.NUM, dtype=torch.float64, device=dev)
+    head_sums = torch.full(
+        (g_dim, HeadSlot.NUM), 0.0 if want_heads else float("nan"), dtype=torch.float64, device=dev
+    )
     rows_out = torch.full(
         (a_dim * c_dim if want_rows else 0, RowSlot.NUM), float("nan"), dtype=torch.float32, device=dev
     )
@@ -162,7 +165,9 @@ def dist_stats_torch(
             )
             sums = torch.where(is_max, torch.maximum(sums, part), sums + part)
 
-            if g_dim > 1:
+            if not want_heads:
+                pass
+            elif g_dim > 1:
                 per_head = [
                     _entr_sum(ph),
                     ph.amax(-1),
@@ -171,10 +176,11 @@ def dist_stats_torch(
                 ]
             else:  # the one head is the row itself
                 per_head = [ent[:, None], pmax[:, None], gt_tau[:, None], sumsq[:, None]]
-            hv = valid[:, None, :]  # [a, 1, c]
-            head_sums = head_sums + torch.stack(
-                [torch.where(hv, t.double(), zero).sum((0, 2)) for t in per_head], dim=-1
-            )
+            if want_heads:
+                hv = valid[:, None, :]  # [a, 1, c]
+                head_sums = head_sums + torch.stack(
+                    [torch.where(hv, t.double(), zero).sum((0, 2)) for t in per_head], dim=-1
+                )
 
             flat_r = r_idx.reshape(-1)
             if want_rows:
