@@ -73,8 +73,9 @@ class Accumulator:
             self._slot_cache[key] = idx
         return idx
 
-    def add_at(self, idx: Tensor, values: Tensor) -> None:
-        """Add ``values`` (float64 [K], one per slot of ``idx`` from :meth:`slots`), each counted once.
+    def add_at(self, idx: Tensor, values: Tensor, src: Tensor | None = None) -> None:
+        """Add ``values[src[j]]`` to slot ``idx[j]`` (``idx`` from :meth:`slots`; ``src`` int64 of
+        the same length on the state's device, default ``arange``), each counted once.
 
         Non-finite values add nothing. One fused op on the CPU (``fastdiag::accumulate_`` of the
         C++ extension); a few torch ops elsewhere.
@@ -83,7 +84,9 @@ class Accumulator:
         assert state is not None, "add_at() needs slots() first"
         if values.device != state.device or values.dtype != torch.float64:
             values = values.to(device=state.device, dtype=torch.float64)
-        _accumulate(state, idx, values)
+        if src is None:
+            src = torch.arange(idx.numel(), device=state.device)
+        _accumulate(state, idx, src, values)
 
     def add(
         self,
@@ -172,21 +175,21 @@ class Accumulator:
             self._state = state.to(device=device, dtype=torch.float64).clone()
 
 
-def _accumulate_torch(state: Tensor, idx: Tensor, values: Tensor) -> None:
+def _accumulate_torch(state: Tensor, idx: Tensor, src: Tensor, values: Tensor) -> None:
+    values = values.index_select(0, src)
     ok = torch.isfinite(values)
     rows = torch.stack([torch.where(ok, values, 0.0), ok.to(values.dtype)], dim=1)
     state.index_add_(0, idx, rows)
 
 
-def _accumulate(state: Tensor, idx: Tensor, values: Tensor) -> None:
-    """state[idx[i]] += (values[i], 1) for every finite values[i] (in place)."""
-    if state.device.type == "cpu":
-        from fastdiag.ops import summaries  # imported here: it loads the extension
+def _accumulate(state: Tensor, idx: Tensor, src: Tensor, values: Tensor) -> None:
+    """state[idx[j]] += (values[src[j]], 1) for every finite one (in place)."""
+    from fastdiag.ops import summaries  # imported here: it loads the extension
 
-        if summaries.cpu_ops_available():
-            torch.ops.fastdiag.accumulate_(state, idx, values)
-            return
-    _accumulate_torch(state, idx, values)
+    if summaries.use_cpu_op(state.device):
+        torch.ops.fastdiag.accumulate_(state, idx, src, values)
+    else:
+        _accumulate_torch(state, idx, src, values)
 
 
 def _first_device(values: Iterable[Any]) -> torch.device:

@@ -1,10 +1,12 @@
-"""Metric keys and the interpretation guide, as data.
+"""Metric keys, the diagnostics constants and the interpretation guide, as data.
 
-``SET_DIAGNOSTICS`` / ``BASELINE_DIAGNOSTICS`` list every key of METRICS.md sections 1 and 2 in
-catalogue order; ``WEIGHT_DIAGNOSTICS_SUFFIXES`` the section-3 names that go under a caller's
-prefix (``pool/``, ``moe/``, ...). ``RULES`` is the seed's "Healthy Range / Bad Sign" table and
-its key questions (METRICS.md section 7); :func:`verdicts` returns the rules a stats dict breaks.
-``COMPARISON_TABLE`` pairs the baseline and set-routing keys that measure the same thing.
+``SET_DIAGNOSTICS`` / ``BASELINE_DIAGNOSTICS`` list every key of docs/metrics.md §1 and §2 in
+catalogue order; ``WEIGHT_DIAGNOSTICS_SUFFIXES`` the §3 names that go under a caller's prefix
+(``pool/``, ``moe/``, ...). The constants of the diagnostics classes (thresholds, top-k sizes,
+sample sizes, the ``delta_*`` map) are defined here once. ``RULES`` is the original classes'
+"Healthy Range / Bad Sign" table and its key questions; :func:`verdicts` returns the rules a
+stats dict breaks. ``COMPARISON_TABLE`` pairs the baseline and set-routing keys that measure the
+same thing.
 """
 
 from __future__ import annotations
@@ -28,7 +30,32 @@ __all__ = [
     "ComparisonRow",
     "COMPARISON_TABLE",
     "weight_keys",
+    "SPARSITY_TAU",
+    "EFFECTIVE_HEAD_ENTROPY",
+    "PATTERN_TOPK",
+    "COSINE_SAMPLES",
+    "SET_DELTAS",
+    "DEFAULT_TOKEN_CAPACITY",
+    "NONFINITE_ROWS",
+    "BASELINE_HEAD_KEYS",
 ]
+
+# ----------------------------------------------------------------------------------------------
+# Constants of the diagnostics classes (docs/metrics.md §1-§3, §5)
+# ----------------------------------------------------------------------------------------------
+
+SPARSITY_TAU = 0.1  # attention_sparsity: share of per-head entries above this
+EFFECTIVE_HEAD_ENTROPY = 0.9  # a head is effective when its mean H / log Nk is below this
+PATTERN_TOPK = 5  # k of the attention top-k Jaccards (the original classes' top-5)
+COSINE_SAMPLES = 100  # rows drawn by the original classes' sampled cosine estimate
+DEFAULT_TOKEN_CAPACITY = 1 << 16  # initial size of the routing-consistency token table
+NONFINITE_ROWS = "health/nonfinite_rows"
+# delta key -> the key whose change from the previous epoch it is (docs/metrics.md §1)
+SET_DELTAS: dict[str, str] = {
+    "ausa/delta_routing_entropy": "ausa/routing_entropy",
+    "ausa/delta_set_variance": "ausa/set_embedding_variance",
+    "ausa/delta_router_confidence": "ausa/router_confidence_mean",
+}
 
 SET_DIAGNOSTICS: tuple[str, ...] = (
     # usage of the sets (from bank_indices)
@@ -100,9 +127,16 @@ WEIGHT_DIAGNOSTICS_SUFFIXES: tuple[str, ...] = (
 
 HEALTH_KEYS: tuple[str, ...] = ("health/nonfinite_rows", "health/nan_infs")
 
+# the per-head keys of BaselineAttentionDiagnostics (need dist_stats' per-head statistics)
+BASELINE_HEAD_KEYS: tuple[str, ...] = (
+    "baseline/attention_sparsity",
+    "baseline/attention_effective_heads",
+    "baseline/attention_head_entropy_mean",
+)
+
 
 def weight_keys(prefix: str) -> tuple[str, ...]:
-    """The section-3 keys under ``prefix`` (e.g. ``weight_keys("pool")`` -> ``pool/entropy_mean``, ...)."""
+    """The §3 keys under ``prefix`` (e.g. ``weight_keys("pool")`` -> ``pool/entropy_mean``, ...)."""
     return tuple(f"{prefix.rstrip('/')}/{name}" for name in WEIGHT_DIAGNOSTICS_SUFFIXES)
 
 
@@ -302,7 +336,7 @@ def verdicts(
 
 
 # ----------------------------------------------------------------------------------------------
-# Baseline vs set-routing comparison (the seed's table for the paper)
+# Baseline vs set-routing comparison (the original classes' table for the paper)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@
 - :class:`_ParamTracker`: gradient / parameter norms and the weight change against a device
   copy of the previous parameters, with fused multi-tensor norms.
 
-Epoch semantics (METRICS.md; the same as ``fastdiag.reference`` with ``count_mode="provided"``):
+Epoch semantics (docs/metrics.md §8; the same as ``fastdiag.reference`` with ``count_mode="provided"``):
 a key's epoch value is the mean of its batch values over the updates that provided its input
 and where the value was defined (an undefined batch value is NaN, which the accumulator skips).
 A key whose input was never provided since ``reset()`` is absent; one provided but never
@@ -27,11 +27,9 @@ from fastdiag import ops
 from fastdiag.accumulator import Accumulator
 from fastdiag.ops import effective_rank
 from fastdiag.ops import norms as _norms
+from fastdiag.ops import summaries as _summaries
 from fastdiag.ops.cosine import check_sample
-
-COSINE_SAMPLES = 100  # rows drawn by the seed's sampled cosine estimate
-
-NONFINITE_ROWS = "health/nonfinite_rows"
+from fastdiag.schema import COSINE_SAMPLES, NONFINITE_ROWS
 
 
 def nan(device: torch.device) -> Tensor:
@@ -130,48 +128,53 @@ class _ParamTracker:
 
     def update(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(gradient norm, parameter norm, weight change or NaN without a previous update)."""
+        grad, norm, change = self.update_values(params).unbind()
+        return grad, norm, change
+
+    def update_values(self, params: Mapping[str, Tensor]) -> Tensor:
+        """float64 [3]: (gradient norm, parameter norm, weight change or NaN), one fused op on the
+        CPU in the steady state (same names, shapes and dtypes as the previous update)."""
         self.check(params)
-        names = list(params)
-        tensors = [params[n].detach() for n in names]
-        device = tensors[0].device
-        grads = [p.grad.detach() for p in params.values() if p.grad is not None]
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        grad_norm = _norms.total_norm(grads).to(device) if grads else zero
-        param_norm = _norms.total_norm(tensors).to(device)
+        tensors = list(params.values())
+        grads = [p.grad for p in tensors if p.grad is not None]
         prev = self.prev
         if prev is None:
-            change = nan(device)
+            values = _summaries.param_norms(tensors, grads, None)
+            self.prev = {n: t.detach().clone(memory_format=torch.contiguous_format) for n, t in params.items()}
+            return values
+        if self._same(prev, params):
+            return _summaries.param_norms(tensors, grads, list(prev.values()))
+        # the parameter set changed: the change over the common names, then a fresh snapshot
+        names = list(params)
+        device = tensors[0].device
+        common = [i for i, n in enumerate(names) if n in prev]
+        values = _summaries.param_norms(tensors, grads, None)
+        if common:
+            cur = [tensors[i].detach() for i in common]
+            old = [prev[names[i]].to(tensors[i].device) for i in common]
+            change = _norms.diff_norms(cur, old).to(device).square().sum().sqrt()
         else:
-            common = [i for i, n in enumerate(names) if n in prev]
-            if common:
-                cur = [tensors[i] for i in common]
-                old = [prev[names[i]].to(tensors[i].device) for i in common]
-                change = _norms.diff_norms(cur, old).to(device).square().sum().sqrt()
-            else:
-                change = zero
-        self._snapshot(names, tensors)
-        return grad_norm, param_norm, change
+            change = torch.zeros((), dtype=torch.float64, device=device)
+        values = torch.stack([values[0], values[1], change.to(values.device)])
+        self.prev = {n: t.detach().clone(memory_format=torch.contiguous_format) for n, t in params.items()}
+        return values
 
-    def _snapshot(self, names: list[str], tensors: list[Tensor]) -> None:
-        prev = self.prev
-        same = (
-            prev is not None
-            and list(prev) == names
-            and all(
-                p.shape == t.shape and p.dtype == t.dtype and p.device == t.device
-                for p, t in zip(prev.values(), tensors, strict=True)
-            )
-        )
-        if same:
-            torch._foreach_copy_(list(prev.values()), tensors)
-        else:
-            self.prev = {n: t.clone() for n, t in zip(names, tensors, strict=True)}
+    @staticmethod
+    def _same(prev: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> bool:
+        if len(prev) != len(params):
+            return False
+        for (n, q), (m, p) in zip(prev.items(), params.items(), strict=True):
+            if n != m or q.shape != p.shape or q.dtype != p.dtype or q.device != p.device or not q.is_contiguous():
+                return False
+        return True
 
     def state_dict(self) -> dict[str, Tensor] | None:
         return None if self.prev is None else {k: v.clone() for k, v in self.prev.items()}
 
     def load_state_dict(self, prev: Mapping[str, Tensor] | None) -> None:
-        self.prev = None if prev is None else {k: v.detach().clone() for k, v in prev.items()}
+        self.prev = None if prev is None else {
+            k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in prev.items()
+        }
 
 
 def check_cosine_samples(samples: int | None) -> int | None:

@@ -25,6 +25,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from fastdiag.accumulator import Accumulator
@@ -84,6 +85,7 @@ class Diagnostics:
         self._acc = Accumulator()
         self._provided: set[str] = set()
         self._added: set[tuple[str, ...]] = set()  # name tuples already marked provided
+        self._index_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
         self._defaults: dict[str, tuple[Any, bool]] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -114,14 +116,24 @@ class Diagnostics:
     # update / epoch
     # ------------------------------------------------------------------------------------------
 
-    def _add(self, names: Sequence[str], values: Tensor) -> None:
+    def _add(self, names: Sequence[str], values: Tensor, positions: Sequence[int] | None = None) -> None:
         """Record one update: ``values`` float64 [len(names)] on the device.
 
         NaN = provided but undefined (skipped by the mean; the key still counts as provided).
-        Pass ``names`` as a tuple (a constant of the subclass): its slot indices are cached.
+        ``positions``: name j takes ``values[positions[j]]`` (a summary vector holding more
+        fields than the names). Pass tuples (constants of the subclass): the slot and position
+        index tensors are cached, so an update is one accumulator op.
         """
         key = names if isinstance(names, tuple) else tuple(names)
-        self._acc.add_at(self._acc.slots(key, values.device), values)
+        pos = None if positions is None else (positions if isinstance(positions, tuple) else tuple(positions))
+        device = values.device
+        cached = self._index_cache.get((key, pos, device))
+        if cached is None or self._acc.state is None:
+            idx = self._acc.slots(key, device)
+            src = torch.arange(len(key)) if pos is None else torch.tensor(pos, dtype=torch.long)
+            cached = (idx, src.to(idx.device))
+            self._index_cache[(key, pos, device)] = cached
+        self._acc.add_at(cached[0], values, cached[1])
         if key not in self._added:
             self._added.add(key)
             self._provided.update(k for k in key if not k.startswith("_"))
@@ -183,6 +195,7 @@ class Diagnostics:
         """
         acc, provided, states = self._validated(state_dict)
         self._acc = acc
+        self._index_cache = {}
         self._provided = provided
         self._added = set()
         for name, value in states.items():

@@ -1,71 +1,105 @@
-"""``BaselineAttentionDiagnostics``: token-attention diagnostics (METRICS.md section 2).
+"""``BaselineAttentionDiagnostics``: token-attention diagnostics (docs/metrics.md §2).
 
-A drop-in for the user's class (``baseline/`` keys) that reads each attention tensor once:
+A drop-in for the original class (``baseline/`` keys) that reads each attention tensor once:
 one ``dist_stats`` pass averages the heads while reading and returns entropy, top-1, top-5
-indices and the per-head entropy / sparsity sums; the top-5 Jaccards use device bitmaps.
-No host synchronisation in ``update``; ``get_epoch_stats`` copies to the host once.
+indices and the per-head entropy / sparsity sums; one ``dist_summary`` turns them (and the
+previous top-k) into the whole value vector of the update, which the accumulator adds in one
+op. No formula lives here (see :mod:`fastdiag.ops.summaries`); no host synchronisation in
+``update``; ``get_epoch_stats`` copies to the host once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fastdiag import ops, schema
-from fastdiag.diagnostics._base import (
-    COSINE_SAMPLES,
-    NONFINITE_ROWS,
-    _Epoch,
-    _ParamTracker,
-    check_cosine_samples,
-    check_float,
-    nan,
-    normalised,
+from fastdiag.diagnostics._base import _ParamTracker, check_cosine_samples, check_float
+from fastdiag.diagnostics.base import Diagnostics
+from fastdiag.ops import summaries
+from fastdiag.ops.summaries import DIST
+from fastdiag.schema import COSINE_SAMPLES, NONFINITE_ROWS, PATTERN_TOPK, SPARSITY_TAU
+
+# attention key -> field of summaries.DIST_FIELDS
+_ATTENTION_FIELDS = {
+    "baseline/attention_entropy_mean": "entropy_mean",
+    "baseline/attention_entropy_norm": "entropy_norm",
+    "baseline/attention_top1_mean": "top1_mean",
+    "baseline/attention_top1_std": "top1_std",
+    "baseline/attention_pattern_jaccard": "pattern_jaccard",
+    "baseline/attention_topk_jaccard_per_query": "topk_jaccard_per_query",
+    "baseline/attention_sparsity": "head_sparsity",
+    "baseline/attention_effective_heads": "effective_heads",
+    "baseline/attention_head_entropy_mean": "head_entropy_mean",
+}
+_PARAM_KEYS = (
+    "baseline/attention_gradient_norm",
+    "baseline/attention_param_norm",
+    "baseline/attention_weight_change",
 )
-from fastdiag.ops import HeadSlot, Slot
-from fastdiag.ops import jaccard as _jaccard
-
-PATTERN_TOPK = 5  # k of the attention top-k Jaccards (the seed's top-5)
-SPARSITY_TAU = 0.1  # attention_sparsity: share of per-head entries above this
-EFFECTIVE_HEAD_ENTROPY = 0.9  # a head is effective when its mean H / log Nk is below this
+_VALUE_KEYS = ("baseline/value_embedding_variance", "baseline/value_cosine_similarity")
+_HAS_HEADS = "heads" in inspect.signature(ops.dist_stats).parameters  # dist_stats(heads=False)
+_JACCARD_KEYS = ("baseline/attention_pattern_jaccard", "baseline/attention_topk_jaccard_per_query")
 
 
-class BaselineAttentionDiagnostics:
+def _select(pairs: Sequence[tuple[str, int]], keys: Sequence[str]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    chosen = [(k, i) for k, i in pairs if k in keys or k.startswith(("health/", "_"))]
+    return tuple(k for k, _ in chosen), tuple(i for _, i in chosen)
+
+
+class BaselineAttentionDiagnostics(Diagnostics):
     """Token-attention diagnostics (``baseline/`` keys of ``fastdiag.schema.BASELINE_DIAGNOSTICS``).
 
-    cosine_samples: rows of ``value_states`` drawn for ``value_cosine_similarity`` (seed: 100);
-                None = exact over all rows (blockwise op).
+    cosine_samples: rows of ``value_states`` drawn for ``value_cosine_similarity`` (the original
+                class: 100); None = exact over all rows (blockwise op).
+    keys:       the keys to compute (default: every catalogue key). Without the per-head keys
+                (``schema.BASELINE_HEAD_KEYS``) ``dist_stats`` skips its per-head statistics,
+                without the two Jaccards it skips the top-k.
 
     ``get_epoch_stats`` also returns ``health/nonfinite_rows``: the mean number per update of
     attention rows (B*N, any head) or value rows holding NaN or inf, excluded from every value.
     """
 
-    def __init__(self, *, cosine_samples: int | None = COSINE_SAMPLES) -> None:
+    def __init__(
+        self, *, cosine_samples: int | None = COSINE_SAMPLES, keys: Sequence[str] | None = None
+    ) -> None:
+        super().__init__()
         self.cosine_samples = check_cosine_samples(cosine_samples)
-        self._epoch = _Epoch()
-        self._params = _ParamTracker("attention_params")
-        self._prev_top: Tensor | None = None
-        self._prev_bitmap: Tensor | None = None
-        self._attn_ndim: int | None = None
+        if keys is None:
+            keys = schema.BASELINE_DIAGNOSTICS
+        elif isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"keys must be a sequence of key names, got {keys!r}")
+        unknown = [k for k in keys if k not in schema.BASELINE_DIAGNOSTICS]
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}; valid keys: {list(schema.BASELINE_DIAGNOSTICS)}")
+        self.keys = tuple(k for k in schema.BASELINE_DIAGNOSTICS if k in keys)
+        self._heads = any(k in self.keys for k in schema.BASELINE_HEAD_KEYS)
+        self._jaccard = any(k in self.keys for k in _JACCARD_KEYS)
+        attention = [(k, DIST[f]) for k, f in _ATTENTION_FIELDS.items()]
+        self._attn = _select([*attention, (NONFINITE_ROWS, DIST["nonfinite_rows"])], self.keys)
+        self._attn_no_nf = _select(attention, self.keys)  # with value_states: one summed count
+        self._param = _select([(k, i) for i, k in enumerate(_PARAM_KEYS)], self.keys)
+        self._value = _select([(k, i) for i, k in enumerate((*_VALUE_KEYS, NONFINITE_ROWS))], self.keys)
+        self.add_state("_params", _ParamTracker("attention_params"), reset=False)
+        self.add_state("_prev_top", None)
+        self.add_state("_prev_bitmap", None)
+        self.add_state("_attn_ndim", None)
+
+    def metric_keys(self) -> tuple[str, ...]:
+        return (*self.keys, NONFINITE_ROWS)
 
     @property
     def prev_params(self) -> dict[str, Tensor] | None:
-        """Device copies of the attention parameters at the previous update (the seed's attribute)."""
+        """Device copies of the attention parameters at the previous update (the original attribute)."""
         return self._params.prev
 
     @prev_params.setter
     def prev_params(self, value: Mapping[str, Tensor] | None) -> None:
         self._params.load_state_dict(value)
-
-    def reset(self) -> None:
-        """Start a new epoch (keeps the previous parameters for the weight change)."""
-        self._epoch.reset()
-        self._prev_top = None
-        self._prev_bitmap = None
-        self._attn_ndim = None
 
     @torch.no_grad()
     def update(
@@ -80,7 +114,7 @@ class BaselineAttentionDiagnostics:
 
         attention_weights: [B, H, N, Nk] (heads averaged while reading) or [B, N, Nk], or None
         (params-only update). attention_params: name -> Parameter. value_states: [..., dh].
-        generator: drives the sampled value cosine (the global CPU RNG when None, as the seed).
+        generator: drives the sampled value cosine (the global CPU RNG when None, as the original).
         """
         if attention_weights is not None:
             self._check_attention(attention_weights)
@@ -92,24 +126,22 @@ class BaselineAttentionDiagnostics:
                 raise ValueError(
                     f"value_states must have shape [..., dh] with at least 2 dims, got {tuple(value_states.shape)}"
                 )
-        v: dict[str, Tensor] = {}
-        nonfinite: list[Tensor] = []
+        attn_values = None
         if attention_weights is not None:
-            nonfinite.append(self._attention(attention_weights, v))
+            attn_values = self._attention(attention_weights)
+            names, pos = self._attn if value_states is None else self._attn_no_nf
+            self._add(names, attn_values, pos)
         if attention_params is not None:
-            grad, norm, change = self._params.update(attention_params)
-            v["baseline/attention_gradient_norm"] = grad
-            v["baseline/attention_param_norm"] = norm
-            v["baseline/attention_weight_change"] = change
+            names, pos = self._param
+            self._add(names, self._params.update_values(attention_params), pos)
         if value_states is not None:
             emb = ops.embedding_stats(value_states, self.cosine_samples, generator)
-            v["baseline/value_embedding_variance"] = emb.variance
-            v["baseline/value_cosine_similarity"] = emb.cosine_mean
-            nonfinite.append(emb.nonfinite_rows)
-        if nonfinite:
-            device = nonfinite[0].device
-            v[NONFINITE_ROWS] = torch.stack([t.to(device, torch.float64) for t in nonfinite]).sum()
-        self._epoch.add(v)
+            nonfinite = emb.nonfinite_rows
+            if attn_values is not None:
+                nonfinite = nonfinite + attn_values[DIST["nonfinite_rows"]]
+            names, pos = self._value
+            values = torch.stack([emb.variance, emb.cosine_mean, torch.as_tensor(nonfinite, dtype=torch.float64)])
+            self._add(names, values, pos)
 
     def _check_attention(self, attn: Tensor) -> None:
         check_float(attn, "attention_weights")
@@ -126,77 +158,35 @@ class BaselineAttentionDiagnostics:
                 "(call reset() between epochs)"
             )
 
-    def _attention(self, attention_weights: Tensor, v: dict[str, Tensor]) -> Tensor:
-        """Add the attention keys of one update to ``v``; returns the non-finite row count."""
-        attn = attention_weights
+    def _attention(self, attn: Tensor) -> Tensor:
+        """The float64 [len(DIST_FIELDS)] summary of one attention tensor (updates the previous top-k)."""
         nd = attn.dim()
         self._attn_ndim = nd
         nk = attn.shape[-1]
-        heads = attn.shape[1] if nd == 4 else 1
-        k = min(PATTERN_TOPK, nk)
-        st = ops.dist_stats(attn, reduce_dim=1 if nd == 4 else None, topk=k, tau=SPARSITY_TAU)
-        sums = st.sums
-        count = sums[Slot.COUNT]
-        device = sums.device
-
-        h_mean = ops.mean(sums, Slot.ENTROPY)
-        v["baseline/attention_entropy_mean"] = h_mean
-        v["baseline/attention_entropy_norm"] = normalised(h_mean, nk)
-        v["baseline/attention_top1_mean"] = ops.mean(sums, Slot.MAX)
-        v["baseline/attention_top1_std"] = ops.std(sums, Slot.MAX, Slot.MAX_SQ)
-
-        bitmap = _jaccard.index_bitmap(st.topk, nk)
-        top = st.topk
-        pattern = per_query = nan(device)
-        if self._prev_bitmap is not None:
-            pattern = _jaccard.bitmap_jaccard(bitmap, self._prev_bitmap)
-            if self._prev_top.shape == top.shape:
-                per_query = _jaccard.topk_jaccard_per_query(top, self._prev_top)
-        v["baseline/attention_pattern_jaccard"] = pattern
-        v["baseline/attention_topk_jaccard_per_query"] = per_query
-        self._prev_top, self._prev_bitmap = top, bitmap
-
-        if nd == 4:
-            head_entropy = st.head_sums[:, HeadSlot.ENTROPY]  # [H] sums over valid rows
-            gt_tau = st.head_sums[:, HeadSlot.GT_TAU].sum()
-        else:  # one head: the head row is the row itself
-            head_entropy = sums[Slot.ENTROPY].reshape(1)
-            gt_tau = sums[Slot.GT_TAU]
-        v["baseline/attention_sparsity"] = gt_tau / (count * heads * nk)
-        v["baseline/attention_head_entropy_mean"] = head_entropy.sum() / (count * heads)
-        per_head = normalised(head_entropy / count, nk)
-        effective = (per_head < EFFECTIVE_HEAD_ENTROPY).to(torch.float64).mean()
-        v["baseline/attention_effective_heads"] = torch.where(count > 0, effective, nan(device))
-        return sums[Slot.NONFINITE]
+        k = min(PATTERN_TOPK, nk) if self._jaccard else 0
+        four = nd == 4
+        if _HAS_HEADS:
+            st = ops.dist_stats(
+                attn, reduce_dim=1 if four else None, topk=k, tau=SPARSITY_TAU, heads=self._heads and four
+            )
+        else:
+            st = ops.dist_stats(attn, reduce_dim=1 if four else None, topk=k, tau=SPARSITY_TAU)
+        values, bitmap = summaries.dist_summary(
+            st, nk, from_heads=four, prev_top=self._prev_top, prev_bitmap=self._prev_bitmap, jaccard=self._jaccard
+        )
+        if self._jaccard:
+            self._prev_top, self._prev_bitmap = st.topk, bitmap
+        return values
 
     def get_epoch_stats(self, sync_dist: bool = False, process_group: Any = None) -> dict[str, float]:
-        """Epoch values (``baseline/`` keys in catalogue order, then ``health/nonfinite_rows``).
+        """Epoch values (the selected ``baseline/`` keys in catalogue order, then ``health/nonfinite_rows``).
 
         One device->host copy; ``sync_dist`` / ``process_group`` sum over the ranks first (global
         means). The previous top-k (the two Jaccards) and the previous attention parameters
         (``attention_weight_change``) stay per rank: each rank's batch values use its own.
         """
-        raw = self._epoch.compute(sync_dist, process_group)
-        return self._epoch.provided_values(raw, (*schema.BASELINE_DIAGNOSTICS, NONFINITE_ROWS))
+        return super().get_epoch_stats(sync_dist, process_group)
 
     def state_dict(self) -> dict[str, Any]:
         """Sums, previous parameters and previous top-k (so a resumed run continues its Jaccards)."""
-        return {
-            "version": 1,
-            "epoch": self._epoch.state_dict(),
-            "prev_params": self._params.state_dict(),
-            "prev_top": None if self._prev_top is None else self._prev_top.clone(),
-            "prev_bitmap": None if self._prev_bitmap is None else self._prev_bitmap.clone(),
-            "attn_ndim": self._attn_ndim,
-            "cosine_samples": self.cosine_samples,
-        }
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self._epoch.load_state_dict(state_dict["epoch"])
-        self._params.load_state_dict(state_dict["prev_params"])
-        top, bitmap = state_dict["prev_top"], state_dict["prev_bitmap"]
-        self._prev_top = None if top is None else top.clone()
-        self._prev_bitmap = None if bitmap is None else bitmap.clone()
-        self._attn_ndim = state_dict["attn_ndim"]
-        self.cosine_samples = check_cosine_samples(state_dict["cosine_samples"])
-
+        return super().state_dict()
