@@ -1,11 +1,11 @@
-"""``SetDiagnostics``: set-routing learning diagnostics (METRICS.md section 1, ``ausa/`` keys).
+"""``SetDiagnostics``: set-routing learning diagnostics (docs/metrics.md §1, ``ausa/`` keys).
 
 A drop-in for the user's class: same constructor (no argument needed), same
 ``update_with_router_state`` / ``update`` / ``get_epoch_stats`` / ``reset``, same keys and
 numbers, with no host synchronisation in ``update``. Every batch value stays on the device in
 one accumulator; ``get_epoch_stats`` copies them to the host once.
 
-The one deviation from the seed (documented, tested): each key is divided by the number of
+The one deviation from the original classes (documented, tested): each key is divided by the number of
 updates that provided its input, not by the total number of updates.
 """
 
@@ -22,127 +22,84 @@ from torch import Tensor
 
 from fastdiag import ops, schema
 from fastdiag.diagnostics._base import (
-    COSINE_SAMPLES,
-    NONFINITE_ROWS,
-    _Epoch,
     _ParamTracker,
     check_cosine_samples,
     check_float,
     check_tensor,
     effective_rank_mean,
-    nan,
     raise_flags,
 )
-from fastdiag.ops import Slot
-from fastdiag.ops import jaccard as _jaccard
-from fastdiag.ops import usage as _usage
+from fastdiag.diagnostics.base import Diagnostics
+from fastdiag.ops import summaries
+from fastdiag.ops.summaries import DIST, USAGE
+from fastdiag.ops.token_table import TokenTable
+from fastdiag.schema import COSINE_SAMPLES, DEFAULT_TOKEN_CAPACITY, NONFINITE_ROWS, SET_DELTAS
 
-_DELTAS = {
-    "ausa/delta_routing_entropy": "ausa/routing_entropy",
-    "ausa/delta_set_variance": "ausa/set_embedding_variance",
-    "ausa/delta_router_confidence": "ausa/router_confidence_mean",
-}
 _OUT_OF_RANGE = "_error/bank_indices_out_of_range"
 _TOKEN_OVERFLOW = "_token_table/overflow"
 _TOKEN_MAX = "_token_table/max_id"
-DEFAULT_TOKEN_CAPACITY = 1 << 16
+_TokenTable = TokenTable  # the old private name
+
+# (key, field) of each part's summary vector
+_USAGE = tuple(
+    (k, USAGE[f])
+    for k, f in (
+        ("ausa/active_set_ratio", "active_ratio"),
+        ("ausa/active_set_size_mean", "size_mean"),
+        ("ausa/active_set_size_std", "size_std"),
+        ("ausa/routing_entropy", "entropy"),
+        ("ausa/routing_entropy_norm", "entropy_norm"),
+        ("ausa/routing_gini", "gini"),
+        ("ausa/routing_top1_prob_mean", "top1_share"),
+        ("ausa/set_reuse_jaccard", "reuse_jaccard"),
+        ("ausa/tokens_per_set_variance", "variance"),
+        (_OUT_OF_RANGE, "out_of_range"),
+    )
+)
+_ROUTER = tuple(
+    (k, DIST[f])
+    for k, f in (
+        ("ausa/router_confidence_mean", "top1_mean"),
+        ("ausa/router_confidence_std", "top1_std"),
+        ("ausa/routing_confidence_std", "top1_std"),
+        ("ausa/top1_vs_random_kl", "kl_uniform"),
+    )
+)
+_SET_ATTENTION = tuple(
+    (k, DIST[f])
+    for k, f in (
+        ("ausa/set_attention_entropy_mean", "entropy_mean"),
+        ("ausa/set_attention_top1_mean", "top1_mean"),
+    )
+)
+_EMBEDDING_KEYS = (
+    "ausa/set_embedding_variance",
+    "ausa/set_embedding_norm_mean",
+    "ausa/set_cosine_similarity_mean",
+    "ausa/set_cosine_similarity_max",
+    "ausa/set_rank_effective",
+)
+_PARAM_KEYS = ("ausa/router_gradient_norm", "ausa/router_param_norm", "ausa/router_weight_change")
+_TOKEN_KEYS = ("ausa/routing_consistency", _TOKEN_OVERFLOW, _TOKEN_MAX)
+_NF = DIST["nonfinite_rows"]
 
 
-class _TokenTable:
-    """Device table token id -> top-1 set of its last occurrence (routing consistency).
-
-    Sizing without reading device data: the table is direct-mapped, slot = id % capacity, and
-    stores the id with its set, so an id is "seen" only if its own id sits in its slot. With
-    every id < capacity (``vocab_size`` given, or ids below the default 2^16) this is exactly
-    the unbounded dict of the reference. An id >= capacity can evict another id sharing its
-    slot (then counted as unseen: the value is approximate for that epoch); such ids are
-    counted on device, and at ``get_epoch_stats`` (which reads them in its one host copy) the
-    table grows to the next power of two above the largest id seen, rehashed on device, with a
-    warning. Ties in one batch: the last occurrence in flat order wins, as in the reference
-    (a scatter-max of positions picks one writer per slot, so writes never race).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.keys: Tensor | None = None  # int64 [capacity + 1]; -1 = empty; last slot = sink
-        self.vals: Tensor | None = None  # int64 [capacity + 1]
-        self.last: Tensor | None = None  # int64 [capacity + 1] scratch, all -1 between calls
-        self.max_id: Tensor | None = None  # int64 0-d, largest valid id ever seen (-1: none)
-
-    def _ensure(self, device: torch.device) -> None:
-        if self.keys is None:
-            size = self.capacity + 1
-            self.keys = torch.full((size,), -1, dtype=torch.int64, device=device)
-            self.vals = torch.full((size,), -1, dtype=torch.int64, device=device)
-            self.max_id = torch.full((), -1, dtype=torch.int64, device=device)
-        elif self.keys.device != device:
-            self.keys, self.vals = self.keys.to(device), self.vals.to(device)
-            self.max_id = self.max_id.to(device)
-        if self.last is None or self.last.device != device or self.last.numel() != self.capacity + 1:
-            self.last = torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=device)
-
-    def update(self, token_ids: Tensor, top1: Tensor) -> tuple[Tensor, Tensor]:
-        """(consistency float64 0-d, NaN if no token was seen before; ids >= capacity count)."""
-        ids = token_ids.reshape(-1).long()
-        sets = top1.reshape(-1).long()
-        device = ids.device
-        self._ensure(device)
-        cap = self.capacity
-        valid = (ids >= 0) & (sets >= 0)
-        slot = torch.where(valid, torch.remainder(ids, cap), cap)
-        seen = valid & (self.keys[slot] == ids)
-        same = seen & (self.vals[slot] == sets)
-        value = same.sum().to(torch.float64) / seen.sum().to(torch.float64)
-        pos = torch.arange(ids.numel(), device=device)
-        self.last.scatter_reduce_(0, slot, pos, reduce="amax")
-        writer = valid & (self.last[slot] == pos)
-        self.last.index_fill_(0, slot, -1)  # back to all -1 for the next call
-        wslot = torch.where(writer, slot, cap)  # non-writers go to the sink slot
-        self.keys.scatter_(0, wslot, ids)
-        self.vals.scatter_(0, wslot, sets)
-        masked_ids = torch.where(valid, ids, -1)
-        if ids.numel():
-            self.max_id = torch.maximum(self.max_id, masked_ids.amax())
-        overflow = (masked_ids >= cap).sum().to(torch.float64)
-        return value, overflow
-
-    def grow(self, max_id: int) -> None:
-        """Rehash into a capacity above ``max_id`` (a power of two, at least double)."""
-        if self.keys is None:
-            return
-        new_cap = max(2 * self.capacity, 1 << max(0, int(max_id)).bit_length())
-        keys, vals = self.keys[:-1], self.vals[:-1]
-        dev = keys.device
-        nk = torch.full((new_cap + 1,), -1, dtype=torch.int64, device=dev)
-        nv = torch.full((new_cap + 1,), -1, dtype=torch.int64, device=dev)
-        slot = torch.where(keys >= 0, torch.remainder(keys, new_cap), new_cap)
-        nk.scatter_(0, slot, keys)
-        nv.scatter_(0, slot, vals)
-        self.capacity, self.keys, self.vals, self.last = new_cap, nk, nv, None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "capacity": self.capacity,
-            "keys": None if self.keys is None else self.keys.clone(),
-            "vals": None if self.vals is None else self.vals.clone(),
-            "max_id": None if self.max_id is None else self.max_id.clone(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.capacity = int(state["capacity"])
-        self.keys = None if state["keys"] is None else state["keys"].clone()
-        self.vals = None if state["vals"] is None else state["vals"].clone()
-        self.max_id = None if state["max_id"] is None else state["max_id"].clone()
-        self.last = None
+def _split_pairs(pairs: tuple[tuple[str, int], ...]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    return tuple(k for k, _ in pairs), tuple(i for _, i in pairs)
 
 
-class SetDiagnostics:
+_USAGE_SPLIT = _split_pairs(_USAGE)
+_ROUTER_SPLIT = _split_pairs(_ROUTER)
+_SET_ATTENTION_SPLIT = _split_pairs(_SET_ATTENTION)
+
+
+class SetDiagnostics(Diagnostics):
     """Set-routing diagnostics (``ausa/`` keys of ``fastdiag.schema.SET_DIAGNOSTICS``).
 
     vocab_size: size of the routing-consistency token table (ids must be < vocab_size for an
                 exact value from the first epoch; default 2^16, grown at epoch end if exceeded).
-    cosine_samples: rows drawn for ``set_cosine_similarity_mean`` / ``_max`` (the seed: 100);
-                None = exact over all B*S rows (METRICS.md's ``exact=True``; blockwise op).
+    cosine_samples: rows drawn for ``set_cosine_similarity_mean`` / ``_max`` (the original class: 100);
+                None = exact over all B*S rows (exact; blockwise op).
 
     ``get_epoch_stats`` also returns ``health/nonfinite_rows``: the mean number per update of
     rows of ``router_probs`` / ``router_logits`` / ``set_attention_weights`` / ``set_embeddings``
@@ -152,34 +109,26 @@ class SetDiagnostics:
     def __init__(self, *, vocab_size: int | None = None, cosine_samples: int | None = COSINE_SAMPLES) -> None:
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
             raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+        super().__init__()
         self.cosine_samples = check_cosine_samples(cosine_samples)
-        self._epoch = _Epoch()
-        self._params = _ParamTracker("router_params")
-        self._tokens = _TokenTable(vocab_size or DEFAULT_TOKEN_CAPACITY)
-        self._prev_epoch: dict[str, float] = {}
-        self._prev_active: Tensor | None = None
-        self._token_updates = 0  # updates with token_ids since reset()
-        self._token_grown = False  # the token table grew for this epoch's overflow
+        self.add_state("_params", _ParamTracker("router_params"), reset=False)
+        self.add_state("_tokens", TokenTable(vocab_size or DEFAULT_TOKEN_CAPACITY), reset=False)
+        self.add_state("_prev_epoch", {}, reset=False)  # previous epoch values of the delta_* bases
+        self.add_state("_prev_active", None)
+        self.add_state("_token_updates", 0)  # updates with token_ids since reset()
+        self.add_state("_token_grown", False)  # the token table grew for this epoch's overflow
+
+    def metric_keys(self) -> tuple[str, ...]:
+        return (*schema.SET_DIAGNOSTICS, NONFINITE_ROWS)
 
     @property
     def prev_router_params(self) -> dict[str, Tensor] | None:
-        """Device copies of the router parameters at the previous update (the seed's attribute)."""
+        """Device copies of the router parameters at the previous update (the original attribute)."""
         return self._params.prev
 
     @prev_router_params.setter
     def prev_router_params(self, value: Mapping[str, Tensor] | None) -> None:
         self._params.load_state_dict(value)
-
-    def reset(self) -> None:
-        """Start a new epoch: clears the sums and the previous active set.
-
-        Keeps the previous parameters (weight change spans epochs), the token table and the
-        previous epoch's values of the ``delta_*`` keys.
-        """
-        self._epoch.reset()
-        self._prev_active = None
-        self._token_updates = 0
-        self._token_grown = False
 
     def update(self, bank_indices: Tensor, num_sets: int) -> None:
         """The original two-argument update: usage statistics only."""
@@ -206,7 +155,7 @@ class SetDiagnostics:
         router_probs [B, N, S] softmax over sets, or router_logits [B, N, S] (softmax fused).
         set_embeddings [B, S, D]. router_params: name -> Parameter.
         set_attention_weights [B, N, S]. token_ids int [B, N] (ids < 0 ignored).
-        generator: drives the sampled set cosine (the global CPU RNG when None, as the seed).
+        generator: drives the sampled set cosine (the global CPU RNG when None, as the original class).
         """
         probs = self._validate(
             bank_indices, num_sets, router_probs, router_logits, set_embeddings,
@@ -214,27 +163,9 @@ class SetDiagnostics:
         )
         if router_params is not None:
             self._params.check(router_params)
-        s_count = num_sets = int(num_sets)
-        device = bank_indices.device
-        v: dict[str, Tensor] = {}
-
-        usage = _usage.usage_stats(bank_indices, s_count)
-        ok = usage.total > 0
-        nan0 = nan(device)
-        v["ausa/active_set_ratio"] = torch.where(ok, usage.active_ratio, nan0)
-        v["ausa/active_set_size_mean"] = usage.size_mean
-        v["ausa/active_set_size_std"] = usage.size_std
-        v["ausa/routing_entropy"] = usage.entropy
-        v["ausa/routing_entropy_norm"] = usage.entropy_norm
-        v["ausa/routing_gini"] = usage.gini
-        v["ausa/routing_top1_prob_mean"] = usage.top1_share
-        if self._prev_active is None:
-            v["ausa/set_reuse_jaccard"] = nan0
-        else:
-            v["ausa/set_reuse_jaccard"] = _jaccard.bitmap_jaccard(usage.active, self._prev_active)
-        self._prev_active = usage.active
-        v["ausa/tokens_per_set_variance"] = usage.variance
-        v[_OUT_OF_RANGE] = usage.out_of_range
+        s_count = int(num_sets)
+        values, self._prev_active = summaries.usage_summary(bank_indices, s_count, self._prev_active)
+        self._add(_USAGE_SPLIT[0], values, _USAGE_SPLIT[1])
 
         nonfinite: list[Tensor] = []
         top1 = None
@@ -242,12 +173,9 @@ class SetDiagnostics:
             st = ops.dist_stats(
                 probs, from_logits=router_logits is not None, topk=1 if token_ids is not None else 0
             )
-            v["ausa/router_confidence_mean"] = ops.mean(st.sums, Slot.MAX)
-            conf_std = ops.std(st.sums, Slot.MAX, Slot.MAX_SQ)
-            v["ausa/router_confidence_std"] = conf_std
-            v["ausa/routing_confidence_std"] = conf_std
-            v["ausa/top1_vs_random_kl"] = math.log(s_count) - ops.mean(st.sums, Slot.ENTROPY)
-            nonfinite.append(st.sums[Slot.NONFINITE])
+            values, _ = summaries.dist_summary(st, s_count)
+            nonfinite.append(values)
+            self._add(_ROUTER_SPLIT[0], values, _ROUTER_SPLIT[1])
             if token_ids is not None:
                 top1 = st.topk[..., 0]
         if token_ids is not None:
@@ -255,38 +183,36 @@ class SetDiagnostics:
                 top1 = bank_indices[..., 0] if bank_indices.dim() == 3 else bank_indices
             before = self._tokens.max_id
             value, overflow = self._tokens.update(token_ids, top1)
-            v["ausa/routing_consistency"] = value
-            v[_TOKEN_OVERFLOW] = overflow
             # telescoping t*M_t - (t-1)*M_{t-1}: the epoch mean of these is M_n, the running
             # max id, which get_epoch_stats then reads in its one host copy (to grow the table)
             t = self._token_updates = self._token_updates + 1
             after = self._tokens.max_id.to(torch.float64)
-            v[_TOKEN_MAX] = t * after - (t - 1) * (after if before is None else before.to(torch.float64))
+            running = t * after - (t - 1) * (after if before is None else before.to(torch.float64))
+            self._add(_TOKEN_KEYS, torch.stack([value, overflow, running]))
 
         if set_embeddings is not None:
             emb = ops.embedding_stats(set_embeddings, self.cosine_samples, generator)
-            v["ausa/set_embedding_variance"] = emb.variance
-            v["ausa/set_embedding_norm_mean"] = emb.norm_mean
-            v["ausa/set_cosine_similarity_mean"] = emb.cosine_mean
-            v["ausa/set_cosine_similarity_max"] = emb.cosine_max
-            v["ausa/set_rank_effective"] = effective_rank_mean(emb.finite_rows.view(set_embeddings.shape))
-            nonfinite.append(emb.nonfinite_rows)
+            rank = effective_rank_mean(emb.finite_rows.view(set_embeddings.shape))
+            values = torch.stack(
+                [emb.variance, emb.norm_mean, emb.cosine_mean, emb.cosine_max, rank,
+                 torch.as_tensor(emb.nonfinite_rows, dtype=torch.float64)]
+            )
+            nonfinite.append(values[5:6])
+            self._add(_EMBEDDING_KEYS, values[:5])
 
         if set_attention_weights is not None:
-            st = ops.dist_stats(set_attention_weights)
-            v["ausa/set_attention_entropy_mean"] = ops.mean(st.sums, Slot.ENTROPY)
-            v["ausa/set_attention_top1_mean"] = ops.mean(st.sums, Slot.MAX)
-            nonfinite.append(st.sums[Slot.NONFINITE])
+            values, _ = summaries.dist_summary(ops.dist_stats(set_attention_weights), set_attention_weights.shape[-1])
+            nonfinite.append(values)
+            self._add(_SET_ATTENTION_SPLIT[0], values, _SET_ATTENTION_SPLIT[1])
 
         if router_params is not None:
-            grad, norm, change = self._params.update(router_params)
-            v["ausa/router_gradient_norm"] = grad
-            v["ausa/router_param_norm"] = norm
-            v["ausa/router_weight_change"] = change
+            self._add(_PARAM_KEYS, self._params.update_values(router_params))
 
-        if nonfinite:
-            v[NONFINITE_ROWS] = torch.stack([t.to(device, torch.float64) for t in nonfinite]).sum()
-        self._epoch.add(v)
+        if len(nonfinite) == 1 and nonfinite[0].numel() == len(DIST):
+            self._add((NONFINITE_ROWS,), nonfinite[0], (_NF,))
+        elif nonfinite:
+            parts = [v[_NF : _NF + 1] if v.numel() == len(DIST) else v for v in nonfinite]
+            self._add((NONFINITE_ROWS,), torch.cat(parts).sum(0, keepdim=True))
 
     def _validate(
         self,
@@ -352,11 +278,14 @@ class SetDiagnostics:
         per rank: the previous active set (``set_reuse_jaccard``), the token table
         (``routing_consistency``) and the previous router parameters (``router_weight_change``):
         each rank's batch values use its own.
-        Also advances the ``delta_*`` epoch (one call = one epoch, as the seed).
+        Also advances the ``delta_*`` epoch (one call = one epoch, as the original class).
         Raises ValueError if ``bank_indices`` held an entry >= num_sets since ``reset()``.
         """
+        return super().get_epoch_stats(sync_dist, process_group)
+
+    def _epoch_values(self, raw: dict[str, float]) -> dict[str, float]:
+        """Error flags, token-table growth and the ``delta_*`` keys from the epoch means."""
         tokens = self._tokens
-        raw = self._epoch.compute(sync_dist, process_group)
         raise_flags(
             raw,
             {_OUT_OF_RANGE: "bank_indices must be < num_sets (or < 0 for padding); an update of "
@@ -374,37 +303,12 @@ class SetDiagnostics:
                 f"routing_consistency was approximate this epoch; the table now holds "
                 f"{tokens.capacity} ids (pass SetDiagnostics(vocab_size=...) to size it up front)",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
-        keys = (*schema.SET_DIAGNOSTICS, NONFINITE_ROWS)
-        out = self._epoch.provided_values(raw, keys)
-        for delta_key, base_key in _DELTAS.items():
+        keys = self.metric_keys()
+        out = {k: raw[k] for k in keys if k in self._provided and k in raw}
+        for delta_key, base_key in SET_DELTAS.items():
             if base_key in out:
                 out[delta_key] = out[base_key] - self._prev_epoch.get(base_key, math.nan)
-        self._prev_epoch = {base: out[base] for base in _DELTAS.values() if base in out}
+        self._prev_epoch = {base: out[base] for base in SET_DELTAS.values() if base in out}
         return {k: out[k] for k in keys if k in out}  # the deltas in catalogue order
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue its sums, deltas, Jaccards and table."""
-        return {
-            "version": 1,
-            "epoch": self._epoch.state_dict(),
-            "prev_router_params": self._params.state_dict(),
-            "prev_active": None if self._prev_active is None else self._prev_active.clone(),
-            "prev_epoch": dict(self._prev_epoch),
-            "token_table": self._tokens.state_dict(),
-            "token_updates": self._token_updates,
-            "token_grown": self._token_grown,
-            "cosine_samples": self.cosine_samples,
-        }
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self._epoch.load_state_dict(state_dict["epoch"])
-        self._params.load_state_dict(state_dict["prev_router_params"])
-        prev = state_dict["prev_active"]
-        self._prev_active = None if prev is None else prev.clone()
-        self._prev_epoch = dict(state_dict["prev_epoch"])
-        self._tokens.load_state_dict(state_dict["token_table"])
-        self._token_updates = int(state_dict["token_updates"])
-        self._token_grown = bool(state_dict.get("token_grown", False))
-        self.cosine_samples = check_cosine_samples(state_dict["cosine_samples"])
