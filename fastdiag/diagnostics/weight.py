@@ -1,16 +1,16 @@
 """``WeightDiagnostics``: pooling weights, mixture / expert gates, sparse-coding coefficients.
 
-METRICS.md section 3: any probability-like weights over a last axis get the same row
+docs/metrics.md §3: any probability-like weights over a last axis get the same row
 statistics under the caller's prefix (``pool/``, ``moe/``, ``alpha/`` ...), from one
-``dist_stats`` pass: entropy mean / norm, top-1 mean / std, KL to uniform, sparsity (> tau),
-support size mean / median (#entries > eps, seed 003), prune fraction (entries <= eps); usage
+``dist_stats`` pass and one ``dist_summary``: entropy mean / norm, top-1 mean / std, KL to
+uniform, sparsity (> tau), support size mean / median (#entries > eps), prune fraction
+(entries <= eps); usage
 balance (Gini, active ratio) when the chosen indices are given; and the bank coherence of an
 atom matrix (max off-diagonal |cosine|, exact). Epoch value = mean of the batch values.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -19,20 +19,15 @@ import torch
 from torch import Tensor
 
 from fastdiag import ops, schema
-from fastdiag.diagnostics._base import (
-    _Epoch,
-    check_float,
-    check_tensor,
-    normalised,
-    raise_flags,
-)
-from fastdiag.ops import RowSlot, Slot
-from fastdiag.ops import usage as _usage
+from fastdiag.diagnostics._base import check_float, check_tensor, raise_flags
+from fastdiag.diagnostics.base import Diagnostics
+from fastdiag.ops import RowSlot, summaries
+from fastdiag.ops.summaries import DIST, USAGE
 
 _OUT_OF_RANGE = "_error/indices_out_of_range"
 
 
-class WeightDiagnostics:
+class WeightDiagnostics(Diagnostics):
     """Row statistics of weights [..., N] under ``prefix`` (keys: ``fastdiag.schema.weight_keys``).
 
     prefix: key prefix, e.g. ``"pool"`` -> ``pool/entropy_mean`` (a trailing ``/`` is optional).
@@ -46,17 +41,31 @@ class WeightDiagnostics:
     def __init__(self, prefix: str = "pool", *, tau: float = 0.1, eps: float = 1e-6) -> None:
         if not isinstance(prefix, str) or not prefix.strip("/"):
             raise ValueError(f"prefix must be a non-empty string such as 'pool', got {prefix!r}")
+        super().__init__()
         self.prefix = prefix.rstrip("/")
         self.tau = float(tau)
         self.eps = float(eps)
         self.keys = schema.weight_keys(self.prefix)
         self._key = dict(zip(schema.WEIGHT_DIAGNOSTICS_SUFFIXES, self.keys, strict=True))
         self.nonfinite_key = f"{self.prefix}/nonfinite_rows"
-        self._epoch = _Epoch()
+        k = self._key
+        dist = (
+            ("entropy_mean", "entropy_mean"), ("entropy_norm", "entropy_norm"), ("top1_mean", "top1_mean"),
+            ("top1_std", "top1_std"), ("kl_uniform", "kl_uniform"), ("sparsity", "sparsity"),
+            ("support_mean", "support_mean"), ("prune_frac", "prune_frac"),
+        )
+        self._dist = (
+            (*(k[key] for key, _ in dist), self.nonfinite_key),
+            (*(DIST[f] for _, f in dist), DIST["nonfinite_rows"]),
+        )
+        self._usage = (
+            (k["usage_gini"], k["active_ratio"], _OUT_OF_RANGE),
+            (USAGE["gini"], USAGE["active_ratio_raw"], USAGE["out_of_range"]),
+        )
+        self.add_state("_config", {"prefix": self.prefix, "tau": self.tau, "eps": self.eps}, reset=False)
 
-    def reset(self) -> None:
-        """Start a new epoch."""
-        self._epoch.reset()
+    def metric_keys(self) -> tuple[str, ...]:
+        return (*self.keys, self.nonfinite_key)
 
     @torch.no_grad()
     def update(
@@ -92,48 +101,31 @@ class WeightDiagnostics:
             if atoms.dim() < 2:
                 raise ValueError(f"atoms must have shape [K, ...] with at least 2 dims, got {tuple(atoms.shape)}")
         k = self._key
-        v: dict[str, Tensor] = {}
         if weights is not None:
-            n = weights.shape[-1]
             st = ops.dist_stats(weights, from_logits=from_logits, tau=self.tau, eps=self.eps, rows=True)
-            sums = st.sums
-            count = sums[Slot.COUNT]
-            h = ops.mean(sums, Slot.ENTROPY)
-            v[k["entropy_mean"]] = h
-            v[k["entropy_norm"]] = normalised(h, n)
-            v[k["top1_mean"]] = ops.mean(sums, Slot.MAX)
-            v[k["top1_std"]] = ops.std(sums, Slot.MAX, Slot.MAX_SQ)
-            v[k["kl_uniform"]] = math.log(n) - h
-            v[k["sparsity"]] = sums[Slot.GT_TAU] / (count * n)
-            v[k["support_mean"]] = ops.mean(sums, Slot.GT_EPS)
-            v[k["support_median"]] = ops.median(st.rows[..., RowSlot.GT_EPS])
-            v[k["prune_frac"]] = 1 - sums[Slot.GT_EPS] / (count * n)
-            v[self.nonfinite_key] = sums[Slot.NONFINITE]
+            values, _ = summaries.dist_summary(st, weights.shape[-1])
+            self._add(self._dist[0], values, self._dist[1])
+            median = ops.median(st.rows[..., RowSlot.GT_EPS])
+            self._add((k["support_median"],), median.reshape(1))
         if indices is not None:
-            usage = _usage.usage_stats(indices, int(num_sets))
-            v[k["usage_gini"]] = usage.gini
-            v[k["active_ratio"]] = usage.active_ratio
-            v[_OUT_OF_RANGE] = usage.out_of_range
+            values, _ = summaries.usage_summary(indices, int(num_sets))
+            self._add(self._usage[0], values, self._usage[1])
         if atoms is not None:
-            v[k["coherence"]] = ops.bank_coherence(atoms.detach().reshape(atoms.shape[0], -1))
-        self._epoch.add(v)
+            coherence = ops.bank_coherence(atoms.detach().reshape(atoms.shape[0], -1))
+            self._add((k["coherence"],), coherence.to(torch.float64).reshape(1))
 
-    def get_epoch_stats(self, sync_dist: bool = False, process_group: Any = None) -> dict[str, float]:
+    def _epoch_values(self, raw: dict[str, float]) -> dict[str, float]:
         """Epoch values (``{prefix}/...`` keys in schema order, then ``{prefix}/nonfinite_rows``)."""
-        raw = self._epoch.compute(sync_dist, process_group)
         raise_flags(
             raw,
             {_OUT_OF_RANGE: f"indices must be < num_sets (or < 0 for padding); an update of this "
              f"epoch of {self.prefix!r} held an entry >= num_sets (not counted)"},
         )
-        return self._epoch.provided_values(raw, (*self.keys, self.nonfinite_key))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "prefix": self.prefix, "tau": self.tau, "eps": self.eps,
-                "epoch": self._epoch.state_dict()}
+        return super()._epoch_values(raw)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if state_dict["prefix"] != self.prefix:
-            raise ValueError(f"state_dict is for prefix {state_dict['prefix']!r}, this is {self.prefix!r}")
-        self.tau, self.eps = float(state_dict["tau"]), float(state_dict["eps"])
-        self._epoch.load_state_dict(state_dict["epoch"])
+        config = state_dict.get("states", {}).get("_config", {}) if isinstance(state_dict, Mapping) else {}
+        if isinstance(config, Mapping) and config.get("prefix", self.prefix) != self.prefix:
+            raise ValueError(f"state_dict is for prefix {config['prefix']!r}, this is {self.prefix!r}")
+        super().load_state_dict(state_dict)
+        self.tau, self.eps = float(self._config["tau"]), float(self._config["eps"])
