@@ -39,6 +39,7 @@ from fastdiag.accumulator import Accumulator
 from fastdiag.diagnostics.base import Diagnostics
 from fastdiag.diagnostics.params import GroupSpec, ParamTracker
 from fastdiag.ops import HeadSlot, Slot
+from fastdiag.schema import EFFECTIVE_HEAD_ENTROPY, SPARSITY_TAU
 
 __all__ = [
     "ATTENTION_METRICS",
@@ -48,9 +49,6 @@ __all__ = [
     "attention_values",
 ]
 
-# TODO(schema): these two move to fastdiag/schema.py; import them from there once they exist
-SPARSITY_TAU = 0.1  # an attention entry > 0.1 counts as concentrated (docs/metrics.md §5)
-EFFECTIVE_HEAD_ENTROPY = 0.9  # a head is "effective" when its mean H / log Nk is below this
 ATTENTION_METRICS = (
     "attention_entropy",
     "attention_sparsity",

@@ -1,12 +1,14 @@
-"""fastdiag.watch / TrainingDiagnostics: hooks on real training loops vs hand computations."""
+"""fastdiag.watch (fastdiag/integrations/): hooks on real training loops vs hand computations."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import json
 import math
+import subprocess
+import sys
 import warnings
-from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +16,28 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdiag
-from fastdiag.training import TrainingDiagnostics, probe, register_attention, watch
+from fastdiag.diagnostics.training import TrainingDiagnostics
+from fastdiag.integrations import Watch, probe, register_attention, watch
 from tests.conftest import available_backends, forbid_cuda_sync
+from tests.training_helpers import (
+    BATCH,
+    HEADS,
+    SCENARIOS,
+    SEQ,
+    D,
+    LogitAttention,
+    Means,
+    TinyConfig,
+    TinyModel,
+    assert_close,
+    attention_expect,
+    encoder,
+    entr,
+    hand_mha_weights,
+    quiet,
+)
 
-D, HEADS, SEQ, BATCH = 16, 4, 6, 3
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -25,69 +45,6 @@ def _torch_backend(backend):
     # the numbers are backend independent; the portable backend keeps this file free of the
     # one-time C++ build
     backend("torch")
-
-
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def encoder(layers: int = 2, seed: int = 0) -> nn.TransformerEncoder:
-    torch.manual_seed(seed)
-    layer = nn.TransformerEncoderLayer(D, HEADS, 2 * D, dropout=0.0, batch_first=True)
-    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-
-
-def entr(p: torch.Tensor) -> torch.Tensor:
-    return torch.special.entr(p.double()).sum(-1)
-
-
-def hand_mha_weights(mha: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
-    """Per-head softmax(q k^T / sqrt(dh)) [B, H, N, N] in float64 from the module's projections."""
-    with torch.no_grad():
-        w = mha.in_proj_weight.double()
-        b = mha.in_proj_bias.double()
-        q, k, _ = F.linear(x.double(), w, b).chunk(3, dim=-1)
-        bsz, n, _ = q.shape
-        dh = D // HEADS
-        q = q.view(bsz, n, HEADS, dh).transpose(1, 2)
-        k = k.view(bsz, n, HEADS, dh).transpose(1, 2)
-        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1)
-
-
-def attention_expect(w: torch.Tensor, tau: float = 0.1) -> dict[str, float]:
-    """Seed-004 per-layer values of per-head weights w [B, H, N, Nk] (float64)."""
-    h = entr(w)  # [B, H, N]
-    per_head = h.mean(dim=(0, 2)) / math.log(w.shape[-1])
-    return {
-        "attention_entropy": float(h.mean()),
-        "attention_sparsity": float((w > tau).double().mean()),
-        "attention_top1": float(w.amax(-1).mean()),
-        "attention_effective_heads": float((per_head < 0.9).double().mean()),
-    }
-
-
-class Means:
-    """Running means of hand-computed values."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, key: str, value: float) -> None:
-        self.sums[key] = self.sums.get(key, 0.0) + value
-        self.counts[key] = self.counts.get(key, 0) + 1
-
-    def result(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
-
-
-def assert_close(stats: dict[str, float], expect: dict[str, float], rel: float = 1e-5) -> None:
-    for key, value in expect.items():
-        assert key in stats, f"{key} missing from {sorted(stats)[:8]}..."
-        assert stats[key] == pytest.approx(value, rel=rel, abs=1e-7), key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,9 +175,9 @@ def test_encoder_eval_nested_tensor_path_ignores_padded_queries():
     x = torch.randn(2, SEQ, D)
     pad = torch.zeros(2, SEQ, dtype=torch.bool)
     pad[1, 4:] = True
-    with _quiet(), torch.no_grad():
+    with quiet(), torch.no_grad():
         ref = model(x, src_key_padding_mask=pad)
-    with _quiet(), watch(model, gradients=False) as handle, torch.no_grad():
+    with quiet(), watch(model, gradients=False) as handle, torch.no_grad():
         out = model(x, src_key_padding_mask=pad)
         stats = handle.get_epoch_stats()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -244,78 +201,8 @@ def test_encoder_eval_nested_tensor_path_ignores_padded_queries():
 
 
 # ----------------------------------------------------------------------------------------------
-# Hugging Face style model (built from a config in code, no download)
+# Hugging Face style model (tests/training_helpers.py: TinyModel, built in code, no download)
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TinyConfig:
-    hidden_size: int = D
-    num_attention_heads: int = HEADS
-    num_hidden_layers: int = 2
-    intermediate_size: int = 2 * D
-    vocab_size: int = 11
-    output_attentions: bool = True
-
-
-class TinySelfAttention(nn.Module):
-    def __init__(self, config: TinyConfig) -> None:
-        super().__init__()
-        self.heads = config.num_attention_heads
-        self.dh = config.hidden_size // self.heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def split(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, self.dh).transpose(1, 2)
-
-    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
-        q, k, v = (self.split(f(hidden_states)) for f in (self.query, self.key, self.value))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.dh)
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.softmax(-1)
-        ctx = (probs @ v).transpose(1, 2).reshape(hidden_states.shape)
-        return (self.out(ctx), probs if output_attentions else None)
-
-
-class TinyLayer(nn.Module):
-    def __init__(self, config: TinyConfig) -> None:
-        super().__init__()
-        self.attention = TinySelfAttention(config)
-        self.norm = nn.LayerNorm(config.hidden_size)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.hidden_size, config.intermediate_size),
-            nn.GELU(),
-            nn.Linear(config.intermediate_size, config.hidden_size),
-        )
-
-    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
-        attn, probs = self.attention(hidden_states, attention_mask, output_attentions)
-        hidden_states = self.norm(hidden_states + attn)
-        return (hidden_states + self.mlp(hidden_states), probs)
-
-
-class TinyModel(nn.Module):
-    def __init__(self, config: TinyConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layer = nn.ModuleList(TinyLayer(config) for _ in range(config.num_hidden_layers))
-        self.head = nn.Linear(config.hidden_size, config.vocab_size)
-        self.unused = nn.Linear(2, 2)  # never in the graph: its parameters get no gradient
-
-    def forward(self, input_ids, output_attentions=None):
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        h = self.embeddings(input_ids)
-        attentions = []
-        for layer in self.layer:
-            h, probs = layer(h, output_attentions=output_attentions)
-            attentions.append(probs)
-        return {"logits": self.head(h), "attentions": tuple(attentions) if output_attentions else None}
 
 
 def test_hf_style_model_matches_returned_attentions():
@@ -368,23 +255,6 @@ def test_hf_module_without_weights_warns_once():
 # ----------------------------------------------------------------------------------------------
 # register_attention and probe
 # ----------------------------------------------------------------------------------------------
-
-
-class LogitAttention(nn.Module):
-    """Returns only its output; keeps the pre-softmax scores [B, H, N, N] on itself."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qk = nn.Linear(D, 2 * D)
-        self.alpha_logit = nn.Parameter(torch.tensor(0.3))
-
-    def forward(self, x):
-        q, k = self.qk(x).chunk(2, -1)
-        q = q.view(*x.shape[:2], HEADS, -1).transpose(1, 2)
-        k = k.view(*x.shape[:2], HEADS, -1).transpose(1, 2)
-        self.scores = q @ k.transpose(-1, -2)
-        mixed = self.scores.softmax(-1).mean(1) @ x
-        return torch.sigmoid(self.alpha_logit) * mixed
 
 
 def test_register_attention_and_probes():
@@ -506,7 +376,7 @@ def test_nan_gradients_are_counted_per_parameter_without_crashing():
         return grad
 
     model[1].weight.register_hook(poison)
-    with _quiet():
+    with quiet():
         handle = watch(model)
     for _ in range(2):
         model(torch.randn(5, 4)).sum().backward()
@@ -557,8 +427,6 @@ def test_bad_arguments():
         watch("model")
     with pytest.raises(ValueError, match="at must be"):
         probe(model, "x", lambda m: m, at="backward")
-    with pytest.raises(ValueError, match=r"\[B, H, N, Nk\]"):
-        TrainingDiagnostics().update_attention("l", torch.rand(4, 4))
 
 
 def test_index_names():
@@ -639,7 +507,7 @@ def test_compiled_model_gives_the_eager_numbers(fresh_dynamo):
         return stats
 
     a = run(eager, False)
-    with _quiet():
+    with quiet():
         b = run(compiled_src, True)
     assert a.keys() == b.keys()
     for k in a:
@@ -658,33 +526,6 @@ def test_lazy_exports():
     assert fastdiag.TrainingDiagnostics is TrainingDiagnostics
     assert fastdiag.register_attention is register_attention
     assert fastdiag.probe is probe
-
-
-def test_update_gradients_mixed_dtypes_and_state_dict():
-    torch.manual_seed(0)
-    named = [
-        ("a", nn.Parameter(torch.randn(5, 3))),
-        ("b", nn.Parameter(torch.randn(7, dtype=torch.float64))),
-        ("c", nn.Parameter(torch.randn(2, 2))),
-        ("frozen", nn.Parameter(torch.randn(3))),  # no gradient: skipped
-    ]
-    for _, p in named[:3]:
-        p.grad = torch.randn_like(p)
-    diag = TrainingDiagnostics()
-    diag.update_gradients(named)
-    diag.update_gradients(dict(named))
-    stats = diag.get_epoch_stats()
-    for n, p in named[:3]:
-        assert stats[f"grad_norm/{n}"] == pytest.approx(float(p.grad.double().norm()), rel=1e-6)
-        assert stats[f"param_norm/{n}"] == pytest.approx(float(p.detach().double().norm()), rel=1e-6)
-    total = math.sqrt(sum(float(p.grad.double().square().sum()) for _, p in named[:3]))
-    assert stats["grad_norm_total"] == pytest.approx(total, rel=1e-6)
-    assert "grad_norm/frozen" not in stats and "param_norm/frozen" not in stats
-    again = TrainingDiagnostics()
-    again.load_state_dict(diag.state_dict())
-    assert again.get_epoch_stats() == stats
-    diag.reset()
-    assert all(math.isnan(v) for v in diag.get_epoch_stats().values())
 
 
 @pytest.mark.gpu
@@ -716,7 +557,7 @@ def test_watch_after_the_first_compiled_call_says_so(fresh_dynamo):
     model = encoder(layers=1)
     compiled = torch.compile(model, backend="eager")
     x = torch.randn(BATCH, SEQ, D)
-    with _quiet():
+    with quiet():
         compiled(x)  # compiled without hooks: dynamo does not see hooks added later
     with watch(compiled, gradients=False) as handle:
         with pytest.warns(UserWarning, match="before the first call of the compiled model"):
@@ -767,3 +608,74 @@ def test_activation_checkpointing_records_each_forward_once():
     assert results[0].keys() == results[1].keys()
     for k, v in results[0].items():
         assert results[1][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+
+
+# ----------------------------------------------------------------------------------------------
+# the split of fastdiag/training.py changed nothing: layout, old import paths, same numbers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_old_import_path_reexports_the_new_objects():
+    from fastdiag import integrations, training
+    from fastdiag.diagnostics import training as diagnostics_training
+
+    assert training.watch is integrations.watch is watch
+    assert training.Watch is integrations.Watch is Watch
+    assert training.register_attention is register_attention
+    assert training.probe is probe
+    assert training.TrainingDiagnostics is diagnostics_training.TrainingDiagnostics
+    assert training.SPARSITY_TAU == 0.1 and training.EFFECTIVE_HEAD_ENTROPY == 0.9
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_same_epoch_values_as_before_the_split(scenario):
+    """Keys (in order) and values of the cases above, recorded with the original one-file
+    fastdiag/training.py (tests/watch_before_split.json; NaN stored as null)."""
+    before = json.loads((ROOT / "tests" / "watch_before_split.json").read_text())[scenario]
+    api = {"register_attention": register_attention, "probe": probe, "TrainingDiagnostics": TrainingDiagnostics}
+    stats = SCENARIOS[scenario](watch, api)
+    assert list(stats) == [k for k, _ in before]
+    for key, value in before:
+        if value is None:
+            assert math.isnan(stats[key]), key
+        else:
+            assert stats[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+
+
+def test_import_integrations_loads_no_triton_and_builds_nothing():
+    code = (
+        "import sys\n"
+        "import fastdiag.integrations\n"
+        "from fastdiag import _extension\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton' or m.startswith('fastdiag.kernels')))\n"
+        "print(bool(getattr(_extension, '_state', None)) or bool(getattr(_extension, '_loaded', None)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[]", "False"], proc.stdout
+
+
+def test_two_watches_sharing_one_diagnostics_keep_their_own_snapshots():
+    """Each watch's update ratio is against its own model's parameters before its own step."""
+    a, b = encoder(layers=1, seed=0), encoder(layers=1, seed=1)
+    diag = TrainingDiagnostics()
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.01)
+    x = torch.randn(BATCH, SEQ, D)
+    wa = watch(a, optimizer=opt_a, attention=False, diagnostics=diag)
+    wb = watch(b, optimizer=opt_b, attention=False, diagnostics=diag)
+    expect = Means()
+    for model in (a, b):
+        model(x).square().mean().backward()
+    before = {id(m): {n: p.detach().clone() for n, p in m.named_parameters()} for m in (a, b)}
+    opt_a.step()  # a's pre-hook snapshots a, b's snapshot is not overwritten
+    opt_b.step()
+    for m in (a, b):
+        for n, p in m.named_parameters():
+            old = before[id(m)][n].double()
+            if old.norm() > 0:
+                expect.add(f"update_ratio/{n}", float((p.detach().double() - old).norm() / old.norm()))
+    stats = diag.get_epoch_stats()
+    wa.remove()
+    wb.remove()
+    assert_close(stats, expect.result())
