@@ -196,6 +196,7 @@ def _dist_stats_kernel(
     ONE_BLOCK: tl.constexpr,
     EVEN_N: tl.constexpr,
     MULTI_HEAD: tl.constexpr,
+    HEADS: tl.constexpr,
     G_POW2: tl.constexpr,
     FAST_LOG: tl.constexpr,
     FAST_BF16: tl.constexpr,
@@ -289,18 +290,21 @@ def _dist_stats_kernel(
             else:
                 ph = x
             pacc += ph
-            if MULTI_HEAD:  # one head: the head stats are the row stats (finalize copies them)
-                if EVEN_N:
-                    hmx = ph
-                    hgt = tl.where(ph > tau, 1.0, 0.0)
-                else:
-                    hmx = tl.where(lm, ph, NEG_INF)
-                    hgt = tl.where((ph > tau) & lm, 1.0, 0.0)
-                he, hm, ht, hq = _head_reduce(_plog2p(ph, FAST_LOG), hmx, hgt, ph * ph, FUSED)
-                tl.store(hptr + _H_ENTROPY * r64, -LN2 * he, mask=row_ok)
-                tl.store(hptr + _H_MAX * r64, hm, mask=row_ok)
-                tl.store(hptr + _H_GT_TAU * r64, ht, mask=row_ok)
-                tl.store(hptr + _H_SUMSQ * r64, hq, mask=row_ok)
+            # per-head statistics (HEADS = want_heads); one head: the head stats are the row
+            # stats (finalize copies them)
+            if MULTI_HEAD:
+                if HEADS:
+                    if EVEN_N:
+                        hmx = ph
+                        hgt = tl.where(ph > tau, 1.0, 0.0)
+                    else:
+                        hmx = tl.where(lm, ph, NEG_INF)
+                        hgt = tl.where((ph > tau) & lm, 1.0, 0.0)
+                    he, hm, ht, hq = _head_reduce(_plog2p(ph, FAST_LOG), hmx, hgt, ph * ph, FUSED)
+                    tl.store(hptr + _H_ENTROPY * r64, -LN2 * he, mask=row_ok)
+                    tl.store(hptr + _H_MAX * r64, hm, mask=row_ok)
+                    tl.store(hptr + _H_GT_TAU * r64, ht, mask=row_ok)
+                    tl.store(hptr + _H_SUMSQ * r64, hq, mask=row_ok)
             mptr += 2 * r64
             hptr += num_blocks_n * _H_NUM * r64
         # head mean as torch computes it (sequential sum, correctly rounded divide): bit-equal
@@ -379,7 +383,8 @@ def _dist_stats_kernel(
     rerr = tl.abs(rsum - 1.0)
     adev = adev / n32
     if MULTI_HEAD:
-        tl.store(valid_ptr + rows, valid.to(tl.int8), mask=row_ok)
+        if HEADS:
+            tl.store(valid_ptr + rows, valid.to(tl.int8), mask=row_ok)
 
     # Per-program float64 partials, one column per program (max-reduced slots floored at 0).
     out = part_ptr + pid
@@ -574,10 +579,13 @@ def _dist_stats_impl(
     query_offset: int,
     query_len: int,
     want_rows: bool,
+    want_heads: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton backend of the canonical op: (sums f64[16], head_sums f64[G, 4],
     rows f32[R or 0, 4], topk i64[R, k]) for x4 [A, G, C, N], R = A * C. Launches only
-    through ``torch.library.wrap_triton`` (traceable: no host reads of device data)."""
+    through ``torch.library.wrap_triton`` (traceable: no host reads of device data).
+    ``want_heads=False`` (constexpr HEADS): no per-head statistic is computed, head_sums is
+    NaN and the finalize reduces the Slot columns only."""
     if x4.dim() != 4:
         raise ValueError(f"x4 must be 4-d [A, G, C, N], got shape {tuple(x4.shape)}")
     if not 0 <= topk <= MAX_TOPK:
@@ -591,24 +599,29 @@ def _dist_stats_impl(
     dev = x4.device
     rows_out = torch.empty((r if want_rows else 0, RowSlot.NUM), dtype=torch.float32, device=dev)
     topk_out = torch.empty((r, topk), dtype=torch.int64, device=dev)
+    head_fill = 0.0 if want_heads else float("nan")
     if r == 0 or n == 0 or (_INTERPRET and _is_fake(x4)):
         sums = torch.zeros(Slot.NUM, dtype=torch.float64, device=dev)
-        head_sums = torch.zeros(g_dim, HeadSlot.NUM, dtype=torch.float64, device=dev)
+        head_sums = torch.full((g_dim, HeadSlot.NUM), head_fill, dtype=torch.float64, device=dev)
         return sums, head_sums, rows_out, topk_out
 
     cfg = _config(int(n), int(r), x4.element_size())
     nbn = cfg["num_blocks_n"]
     nprog = -(-r // cfg["BLOCK_R"])
     multi_head = g_dim > 1
+    head_scratch = multi_head and want_heads  # per-(head, row) statistics in the scratch
     part = torch.empty((Slot.NUM, nprog), dtype=torch.float64, device=dev)
     sums = torch.empty(Slot.NUM, dtype=torch.float64, device=dev)
-    head_sums = torch.empty((g_dim, HeadSlot.NUM), dtype=torch.float64, device=dev)
+    if want_heads:
+        head_sums = torch.empty((g_dim, HeadSlot.NUM), dtype=torch.float64, device=dev)
+    else:
+        head_sums = torch.full((g_dim, HeadSlot.NUM), head_fill, dtype=torch.float64, device=dev)
     # Scratch. Pointers a specialisation never touches still get their own 1-element tensor:
     # under torch.compile each argument is functionalised separately, and two arguments
     # sharing a tensor would leave it ambiguous which copy carries the kernel's writes.
     f32 = torch.float32
-    hs = torch.empty((g_dim, nbn, HeadSlot.NUM, r) if multi_head else 1, dtype=f32, device=dev)
-    valid = torch.empty(r if multi_head else 1, dtype=torch.int8, device=dev)
+    hs = torch.empty((g_dim, nbn, HeadSlot.NUM, r) if head_scratch else 1, dtype=f32, device=dev)
+    valid = torch.empty(r if head_scratch else 1, dtype=torch.int8, device=dev)
     ms = torch.empty((g_dim, 2, r) if from_logits and nbn > 1 else 1, dtype=f32, device=dev)
     mask_arg = row_mask if row_mask is not None else torch.empty(1, dtype=torch.bool, device=dev)
     # launch on the tensor's own GPU (tracing with fake tensors needs no device)
@@ -648,6 +661,7 @@ def _dist_stats_impl(
             ONE_BLOCK=nbn == 1,
             EVEN_N=n % cfg["BLOCK_N"] == 0,
             MULTI_HEAD=multi_head,
+            HEADS=bool(want_heads),
             G_POW2=g_dim & (g_dim - 1) == 0,
             FAST_LOG=_fast_log(dev),
             FAST_BF16=_fast_log(dev)
@@ -660,9 +674,10 @@ def _dist_stats_impl(
         )
         # fixed-order reduction of the partials (and head scratch): chunks of FINAL_CHUNK items
         # per program, then one more pass over the chunk values when there is more than one
-        items = r if multi_head else nprog
+        # without heads only the Slot columns (head_sums stays NaN)
+        items = r if head_scratch else nprog
         nchunk = -(-items // FINAL_CHUNK)
-        ncol = Slot.NUM + HeadSlot.NUM * g_dim
+        ncol = Slot.NUM + (HeadSlot.NUM * g_dim if want_heads else 0)
         stage = torch.empty((ncol, nchunk) if nchunk > 1 else 1, dtype=torch.float64, device=dev)
         wrap_triton(_finalize_kernel)[(ncol, nchunk)](
             part,
@@ -675,7 +690,7 @@ def _dist_stats_impl(
             r,
             nbn,
             FINAL_CHUNK,
-            MULTI_HEAD=multi_head,
+            MULTI_HEAD=head_scratch,
             TWO_STAGE=nchunk > 1,
             BLOCK=min(FINAL_BLOCK, _pow2(min(items, FINAL_CHUNK))),
             num_warps=4,

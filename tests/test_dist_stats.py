@@ -248,6 +248,46 @@ def test_per_head_sums(each_backend):
     torch.testing.assert_close(out.head_sums[:, HeadSlot.GT_TAU], (x > 0.2).sum((0, 2, 3)).double())
 
 
+@pytest.mark.parametrize("reduce_dim", [1, None])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_heads_false_skips_only_the_head_sums(each_backend, reduce_dim, from_logits):
+    """heads=False: the same sums / rows / top-k (bit-identical on the cpu backend), and
+    head_sums of the same shape, all NaN; masked and non-finite rows included."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 7, 12, generator=g) * 3
+    if not from_logits:
+        x = x.softmax(-1)
+    x[0, 1, 2, 4] = float("nan")
+    x[1, 0, 5, 0] = float("inf")
+    x[1, 2, 3, :] = 0.25 if not from_logits else 1.0  # ties
+    lead = (2, 7) if reduce_dim is not None else (2, 3, 7)
+    mask = torch.rand(lead, generator=g) > 0.2
+    kw = dict(from_logits=from_logits, reduce_dim=reduce_dim, topk=4, row_mask=mask, window=2,
+              query_offset=1, rows=True)
+    on = dist_stats(x, **kw)
+    off = dist_stats(x, heads=False, **kw)
+    assert off.head_sums.shape == on.head_sums.shape == (3 if reduce_dim is not None else 1, 4)
+    assert off.head_sums.dtype == torch.float64 and off.head_sums.isnan().all()
+    assert torch.isfinite(on.head_sums).all()
+    assert on.sums[Slot.NONFINITE].item() >= 1 and on.sums[Slot.MASKED].item() >= 1
+    assert torch.equal(off.topk, on.topk)
+    if each_backend == "cpu":
+        assert torch.equal(off.sums, on.sums)
+        assert torch.equal(off.rows.isnan(), on.rows.isnan())
+        assert torch.equal(off.rows.nan_to_num(), on.rows.nan_to_num())
+    else:
+        torch.testing.assert_close(off.sums, on.sums, rtol=RTOL, atol=ATOL * 40)
+        torch.testing.assert_close(off.rows, on.rows, rtol=RTOL, atol=ATOL, equal_nan=True)
+    want = oracle(x, **{k: v for k, v in kw.items() if k != "rows"})[0]
+    torch.testing.assert_close(off.sums, want, rtol=RTOL, atol=ATOL * 40)
+
+
+def test_heads_false_empty_batch(each_backend):
+    out = dist_stats(torch.ones(0, 3, 4, 8), reduce_dim=1, topk=2, heads=False)
+    assert out.sums[Slot.COUNT].item() == 0
+    assert out.head_sums.shape == (3, 4) and out.head_sums.isnan().all()
+
+
 def test_backends_agree_with_each_other(backend):
     x = softmax_rows(2, 4, 33, 33, seed=5)
     results = {}
@@ -305,19 +345,22 @@ def test_no_host_transfer(each_backend):
         dist_stats(x, reduce_dim=1, topk=2, row_mask=mask, rows=True, window=1)
 
 
-def test_torch_compile_fullgraph(each_backend):
+@pytest.mark.parametrize("heads", [True, False])
+def test_torch_compile_fullgraph(each_backend, heads):
     x = softmax_rows(2, 3, 6, 10)
 
     def step(t):
-        out = dist_stats(t, reduce_dim=1, topk=3)
-        return fastdiag.ops.mean(out.sums, Slot.ENTROPY), out.topk
+        out = dist_stats(t, reduce_dim=1, topk=3, heads=heads)
+        return fastdiag.ops.mean(out.sums, Slot.ENTROPY), out.topk, out.head_sums
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="eager")
-    got, got_topk = compiled(x)
-    want, want_topk = step(x)
+    got, got_topk, got_head = compiled(x)
+    want, want_topk, want_head = step(x)
     torch.testing.assert_close(got, want)
     assert torch.equal(got_topk, want_topk)
+    torch.testing.assert_close(got_head, want_head, equal_nan=True)
+    assert got_head.isnan().all() != heads
 
 
 def test_opcheck_torch_op():
@@ -329,6 +372,12 @@ def test_opcheck_torch_op():
     mask[5] = False  # a masked row; rows=False since opcheck compares NaN rows as unequal
     torch.library.opcheck(
         torch.ops.fastdiag.dist_stats_torch.default, (x4, mask, True, 3, 0.1, 1e-6, -1, 2, 4, False)
+    )
+    # want_heads=False: head_sums is NaN, which opcheck compares as unequal: the schema only
+    torch.library.opcheck(
+        torch.ops.fastdiag.dist_stats_torch.default,
+        (x4, mask, False, 2, 0.1, 1e-6, 1, 0, 4, False, False),
+        test_utils=("test_schema", "test_faketensor"),
     )
 
 

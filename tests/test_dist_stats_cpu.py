@@ -117,6 +117,41 @@ def test_ties_in_head_mean_and_logits(op):
     compare(op, op_args(lev, logits=True, topk=16), exact_counts=False)  # equal logits tie exactly
 
 
+@pytest.mark.parametrize("g", [1, 3, 12])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_without_heads_bit_identical(op, g, from_logits):
+    """want_heads=False: sums, rows and top-k bit-identical to want_heads=True (same row blocks,
+    same head-mean arithmetic), head_sums NaN; non-finite heads, masked rows, ties, a finite
+    3e38 entry whose square overflows (the row stays valid), bf16 and strided inputs."""
+    x4 = logits(3, g, 40, 77, seed=g) if from_logits else softmax(3, g, 40, 77, seed=g)
+    x4[0, 0, 3, 5] = float("nan")
+    x4[1, g - 1, 7, 0] = float("inf")
+    x4[2, 0, 9, :] = 0.5  # ties
+    if not from_logits:
+        x4[2, g - 1, 11, 3] = 3e38
+    mask = torch.rand(120, generator=torch.Generator().manual_seed(g)) > 0.2
+    mask[[3, 40 + 7, 2 * 40 + 11]] = True  # the non-finite rows and the 3e38 one
+    strided = x4.transpose(0, 2).contiguous().transpose(0, 2)  # same shape, C stride 1
+    for x, m in ((x4, mask), (x4.to(torch.bfloat16), None), (strided, mask)):
+        on = op(*op_args(x, mask=m, logits=from_logits, topk=5, window=3), True)
+        off = op(*op_args(x, mask=m, logits=from_logits, topk=5, window=3), False)
+        assert torch.equal(on[0], off[0])
+        assert torch.equal(on[2].nan_to_num(7.0), off[2].nan_to_num(7.0))
+        assert torch.equal(on[3], off[3])
+        assert off[1].shape == on[1].shape == (x.shape[1], HeadSlot.NUM)
+        assert off[1].isnan().all() and not on[1].isnan().any()
+        if m is not None:
+            assert on[0][Slot.NONFINITE] >= 2
+            if not from_logits:
+                assert not on[2][2 * 40 + 11].isnan().any()  # 3e38: valid either way
+    x4[2, g - 1, 11, 3] = 0.0  # against the torch backend: no 3e38 (its masses differ)
+    want = dist_stats_torch(*op_args(x4, mask=mask, logits=from_logits, topk=5, window=3), False)
+    got = op(*op_args(x4, mask=mask, logits=from_logits, topk=5, window=3), False)
+    torch.testing.assert_close(got[0], want[0], rtol=RTOL, atol=ATOL * 120)
+    torch.testing.assert_close(got[1], want[1], equal_nan=True)
+    assert torch.equal(got[3], want[3])
+
+
 def test_single_key(op):
     got = compare(op, op_args(torch.ones(2, 1, 5, 1), topk=1, window=0))
     assert torch.equal(got[2][:, RowSlot.ENTROPY], torch.zeros(10))
@@ -242,6 +277,12 @@ def test_opcheck(op):
     mask[5] = False  # rows=False: opcheck compares NaN rows as unequal
     torch.library.opcheck(op, (x4.to(torch.bfloat16), mask, True, 3, 0.1, 1e-6, -1, 2, 4, False))
     torch.library.opcheck(op, (x4.transpose(1, 2), None, False, 1, 0.2, 1e-3, 0, 0, 2, False))
+    # want_heads=False: NaN head_sums compare unequal in opcheck, so schema and fake only
+    torch.library.opcheck(
+        op,
+        (x4, mask, False, 2, 0.1, 1e-6, 1, 0, 4, False, False),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_deterministic_across_thread_counts(op):
@@ -279,7 +320,7 @@ def test_public_api_on_the_cpu_backend(op, backend):
     backend("torch")
     want = dist_stats(x, **kw)
     backend("cpu")
-    assert backends.resolve("cpu") == "cpu"
+    assert backends.resolve("dist_stats", "cpu", torch.float32) == "cpu"
     got = dist_stats(x, **kw)
     torch.testing.assert_close(got.sums, want.sums, rtol=RTOL, atol=ATOL * 20)
     torch.testing.assert_close(got.head_sums, want.head_sums, rtol=RTOL, atol=ATOL * 20)

@@ -314,6 +314,39 @@ def test_per_head_sums():
     torch.testing.assert_close(out[1].cpu(), torch.tensor(per_head, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("g", [1, 3])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_without_heads(g, from_logits):
+    """HEADS=False: the same sums / rows / top-k as with heads, head_sums NaN; masked and
+    non-finite rows, ties."""
+    x = logits(2, g, 5, 9, seed=18) if from_logits else softmax(2, g, 5, 9, seed=18)
+    x[0, 0, 1, 2] = float("nan")
+    x[1, g - 1, 3, 0] = float("inf")
+    x[1, 0, 4, :] = 0.25  # ties
+    mask = torch.tensor([True, False, True, True, True] * 2, device=DEV)
+    args = op_args(x, mask=mask, logits=from_logits, topk=3, window=1, qoff=1)
+    on = run(args)
+    off = K.dist_stats_triton(*args, False)
+    assert off[1].shape == on[1].shape == (g, HeadSlot.NUM) and off[1].isnan().all()
+    assert not on[1].isnan().any()
+    assert_same(off, (on[0], off[1], on[2], on[3]), rtol=1e-6, atol=1e-7)
+    ref = dist_stats_torch(*args, False)
+    assert_same(off, ref)
+
+
+def test_without_heads_multi_block(monkeypatch):
+    # long rows in column blocks (logits: the online-softmax first pass), two-stage finalize
+    x = logits(1, 3, 3, 40, seed=19)
+    args = op_args(x, logits=True, topk=4, window=2)
+    for name, value in dict(TILE_N_MAX=16, LOOP_BLOCK_N=16, FINAL_CHUNK=2).items():
+        monkeypatch.setattr(K, name, value)
+    off = K.dist_stats_triton(*args, False)
+    on = K.dist_stats_triton(*args, True)
+    assert off[1].isnan().all() and not on[1].isnan().any()
+    assert_same(off, (on[0], off[1], on[2], on[3]), rtol=1e-6, atol=1e-7)
+    assert_same(off, dist_stats_torch(*args, False))
+
+
 @pytest.mark.parametrize("k", range(1, 17))
 def test_every_topk(k):
     x = torch.zeros(1, 1, 3, 20)
