@@ -93,10 +93,10 @@ def _check(name: str) -> str:
     return name
 
 
-def set_backend(name: str) -> None:
-    """Force a backend for every op (``'auto'`` restores the default choice)."""
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op; None follows ``FASTDIAG_BACKEND`` again."""
     global _backend
-    _backend = _check(name)
+    _backend = None if name is None else _check(name)
     _resolve.cache_clear()
 
 

@@ -34,7 +34,7 @@ def backend():
         fastdiag.set_backend(name)
 
     yield use
-    fastdiag.set_backend("auto")
+    fastdiag.set_backend(None)
 
 
 def available_backends(device: str = "cpu") -> list[str]:
