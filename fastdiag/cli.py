@@ -1,6 +1,7 @@
 """The ``fastdiag`` command (also ``python -m fastdiag``).
 
 fastdiag build-ext                      build the C++ / CUDA extension now, print its path
+fastdiag backends                       which backend runs each op here, and why (the switches)
 fastdiag report RUN.db [--run A --run B] [--metric NAME ...] [--out report.html]
 fastdiag demo [--quick] [--device cpu|cuda] [--break router] [--out runs/]
 """
@@ -14,14 +15,28 @@ from pathlib import Path
 
 
 def _build_ext(args: argparse.Namespace) -> int:
-    from fastdiag import _extension
+    from fastdiag import _extension, backends
 
-    path = _extension.build_extension(verbose=args.verbose)
+    path = _extension.build_extension(
+        verbose=args.verbose, cuda_sources=not backends.cuda_extension_disabled()
+    )
     if path is None:
         print("fastdiag: the extension could not be built (see the warning above); "
               "the torch backend will be used", file=sys.stderr)  # fmt: skip
         return 1
     print(path)
+    return 0
+
+
+def _backends(args: argparse.Namespace) -> int:
+    import fastdiag.ops  # noqa: F401  (registers every op's table)
+    from fastdiag import backends
+
+    print(f"FASTDIAG_BACKEND={backends.get_backend()}  TRITON_INTERPRET={int(backends.triton_interpreting())}"
+          f"  FASTDIAG_NO_EXT={int(backends.extension_disabled())}")  # fmt: skip
+    for op, devices in backends.summary().items():
+        choices = ", ".join(f"{dev}: {name}" for dev, name in devices.items())
+        print(f"{op:<16} {choices}   (implementations: {', '.join(backends.table(op))})")
     return 0
 
 
@@ -64,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-ext", help="build the C++/CUDA extension and print its path")
     p.add_argument("--quiet", dest="verbose", action="store_false", help="hide compiler output")
     p.set_defaults(func=_build_ext)
+
+    p = sub.add_parser("backends", help="which backend runs each op on this machine")
+    p.set_defaults(func=_backends)
 
     p = sub.add_parser("report", help="terminal summary and HTML report of a metrics database")
     p.add_argument("db", help="SQLite file written by fastdiag.MetricsLogger")

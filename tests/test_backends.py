@@ -127,3 +127,13 @@ def test_summary_names_every_op():
     table = backends.summary()
     assert set(OPS) <= set(table)
     assert all(set(devs) >= {"cpu"} for devs in table.values())
+
+
+def test_cli_prints_the_choice_per_op(capsys):
+    from fastdiag.cli import main
+
+    fastdiag.set_backend(None)
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "FASTDIAG_BACKEND=" in out
+    assert all(op in out for op in OPS)
