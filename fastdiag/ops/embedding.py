@@ -1,13 +1,13 @@
 """Batch statistics of an embedding tensor: spread, scale and pairwise cosine of its rows.
 
-For ``x`` [..., D] seen as rows [M, D] (METRICS.md: set / value embedding variance, norm and
+For ``x`` [..., D] seen as rows [M, D] (docs/metrics.md §1-§2: set / value embedding variance, norm and
 cosine similarity; a row holding a NaN / inf is *non-finite* and excluded from every value):
 
 * ``variance``       per-column unbiased variance over the finite rows, averaged over columns
                      (NaN with fewer than two finite rows)
 * ``norm_mean``      mean L2 norm of the finite rows
 * ``cosine_mean``    mean off-diagonal cosine (:func:`fastdiag.ops.cosine_stats`) over pairs of
-                     finite rows: of ``min(sample, M)`` rows drawn as the seed does
+                     finite rows: of ``min(sample, M)`` rows drawn as the original classes do
                      (:func:`fastdiag.ops.cosine.sample_rows`), or of every row, blockwise, when
                      ``sample`` is None; NaN without a pair of finite rows
 * ``cosine_max``     max off-diagonal cosine, same rows (reads max(true max, 0) when a
@@ -50,7 +50,7 @@ def embedding_stats(
 ) -> EmbeddingStats:
     """Statistics of the rows [M, D] of ``x`` [..., D] (see the module docstring).
 
-    ``sample``: rows drawn for the cosine values (an int >= 2; the seed's 100 by default), or
+    ``sample``: rows drawn for the cosine values (an int >= 2; the original classes' 100 by default), or
     None for every row. ``generator``: the draw's generator (the CPU default one when None).
     """
     if not isinstance(x, Tensor):

@@ -2,7 +2,7 @@
 
 - :func:`index_bitmap`: the set of all (non-negative) indices of a tensor as a bool bitmap.
 - :func:`bitmap_jaccard`: ``|a & b| / |a | b|`` of two bitmaps (0 when both are empty, the
-  seed's convention), e.g. the active sets of two updates or their flattened top-k sets.
+  original classes' convention), e.g. the active sets of two updates or their flattened top-k sets.
 - :func:`topk_jaccard_per_query`: mean over rows of the Jaccard of each row's top-k indices
   now and at the previous update.
 
@@ -32,7 +32,7 @@ def index_bitmap(indices: Tensor, size: int) -> Tensor:
 def bitmap_jaccard(a: Tensor, b: Tensor) -> Tensor:
     """Jaccard of two bool bitmaps (1-D; the shorter is padded with False), float64 0-d.
 
-    0 when both are empty (the seed's convention for two empty sets).
+    0 when both are empty (the original classes' convention for two empty sets).
     """
     if a.dim() != 1 or b.dim() != 1:
         raise ValueError(f"a and b must be 1-D bitmaps, got shapes {tuple(a.shape)} and {tuple(b.shape)}")

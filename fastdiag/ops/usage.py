@@ -2,7 +2,7 @@
 
 ``usage_stats(indices, num_choices)`` counts how often each choice ``0 .. S-1`` occurs among
 the entries of ``indices`` (entries < 0 are padding) and derives every balance statistic of
-METRICS.md section 1 from the counts, without a host synchronisation: the counts come from an
+docs/metrics.md §1 from the counts, without a host synchronisation: the counts come from an
 integer ``index_add_`` into a fixed-size [S + 2] buffer (slot S collects padding, slot S + 1
 the out-of-range entries), so no shape depends on the data and integer adds are exact and
 deterministic.
