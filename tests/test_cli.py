@@ -32,7 +32,7 @@ def test_console_script_points_at_main():
 def test_build_ext_prints_the_library_or_the_failure(monkeypatch, capsys):
     calls = []
 
-    def fake_build(verbose=True):
+    def fake_build(verbose=True, **kwargs):
         calls.append(verbose)
         return "/cache/fastdiag_ext_abc/fastdiag_ext.so"
 

@@ -1,15 +1,15 @@
 """Off-diagonal cosine similarity statistics of the rows of batched matrices.
 
 For ``x`` [..., M, D], per leading index, with cos_ij = <x_i, x_j> / (|x_i| |x_j| + 1e-8) (the
-seed's formula; zero rows give 0) over the ordered pairs i != j:
+original classes' formula; zero rows give 0) over the ordered pairs i != j:
 
-* ``mean``     mean of cos_ij (METRICS.md: set_cosine_similarity_mean, pairwise_cosine_mean)
+* ``mean``     mean of cos_ij (docs/metrics.md §1, §4: set_cosine_similarity_mean, pairwise_cosine_mean)
 * ``max``      max of cos_ij (duplicate detector: set_cosine_similarity_max, pairwise_cosine_max)
-* ``max_abs``  max of |cos_ij| (seed 003's bank coherence_offdiag_max)
+* ``max_abs``  max of |cos_ij| (docs/metrics.md §3: an atom bank's coherence)
 
 Exact by default, blockwise so that no M x M matrix is held: the Triton kernel
 (``fastdiag.kernels.cosine``) on the triton backend, row blocks of at most ~16M cosines in torch
-otherwise. ``sample=n`` reproduces the seed's estimate: ``idx = torch.randperm(M,
+otherwise. ``sample=n`` reproduces the original classes' estimate: ``idx = torch.randperm(M,
 generator=generator)[:n]`` (on the generator's device, the CPU default generator when None), then
 the statistics of those rows. With M < 2 there is no pair and every output is NaN. Outputs are
 float32 tensors of the leading shape; the mean is accumulated in float64. A NaN / inf entry
@@ -72,7 +72,7 @@ def cosine_stats(
     """Mean, max and max-abs off-diagonal cosine similarity of the rows of ``x`` [..., M, D].
 
     ``sample=n`` uses n = min(n, M) rows drawn without replacement by
-    ``torch.randperm(M, generator=generator)[:n]`` (the seed's estimate, same rows for the same
+    ``torch.randperm(M, generator=generator)[:n]`` (the original classes' estimate, same rows for the same
     generator state; the same rows for every leading index). Returns a :class:`CosineStats`.
     """
     _check(x, sample)
@@ -85,14 +85,14 @@ def cosine_stats(
 
 
 def sample_rows(m: int, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """The seed's draw of min(n, m) of m rows: ``torch.randperm(m, generator=generator)[:n]``
+    """The original classes' draw of min(n, m) of m rows: ``torch.randperm(m, generator=generator)[:n]``
     on the generator's device (the CPU default generator when None), int64 [min(n, m)]."""
     device = generator.device if generator is not None else torch.device("cpu")
     return torch.randperm(m, generator=generator, device=device)[: min(n, m)]
 
 
 def bank_coherence(atoms: Tensor) -> Tensor:
-    """Max off-diagonal |cosine| of the rows of ``atoms`` [K, F] (seed 003's dictionary
+    """Max off-diagonal |cosine| of the rows of ``atoms`` [K, F] (a sparse-coding dictionary's
     coherence), exact, float64 0-d; NaN when K < 2.
 
     The rows are normalised first (zero rows stay zero: cosine 0), so the cosine's 1e-8

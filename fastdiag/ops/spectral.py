@@ -1,4 +1,4 @@
-"""Spectral statistics of batched matrices: effective rank and friends (METRICS.md section 4).
+"""Spectral statistics of batched matrices: effective rank and friends (docs/metrics.md §4).
 
 For ``x`` of shape ``[..., rows, cols]`` every leading index is one matrix X with singular
 values sigma_1 >= ... >= sigma_r, r = min(rows, cols), p_i = sigma_i / sum(sigma):
