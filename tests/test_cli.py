@@ -42,7 +42,7 @@ def test_build_ext_prints_the_library_or_the_failure(monkeypatch, capsys):
     assert main(["build-ext", "--quiet"]) == 0
     assert calls == [True, False]
 
-    monkeypatch.setattr(_extension, "build_extension", lambda verbose=True: None)
+    monkeypatch.setattr(_extension, "build_extension", lambda verbose=True, **kwargs: None)
     assert main(["build-ext"]) == 1
     assert "could not be built" in capsys.readouterr().err
 
