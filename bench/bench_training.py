@@ -74,7 +74,7 @@ class Setup:
                 self.handles.append(mha.register_forward_pre_hook(_force_weights, with_kwargs=True))
                 self.handles.append(mha.register_forward_hook(self._reference_hook(name, variant)))
             if variant == "reference":
-                self.after_backward = self._seed_gradient_loop
+                self.after_backward = self._original_gradient_loop
         elif variant.startswith("watch"):
             self.watch = fastdiag.watch(
                 self.model,
@@ -97,7 +97,7 @@ class Setup:
 
         return hook
 
-    def _seed_gradient_loop(self) -> None:
+    def _original_gradient_loop(self) -> None:
         logged = {}
         for name, param in self.model.named_parameters():
             if param.grad is not None:
@@ -164,7 +164,7 @@ def report(times: dict[str, list[float]], device: str) -> dict:
     return {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "threads": torch.get_num_threads(),
-        "dist_stats_backend": backends.resolve(device),
+        "dist_stats_backend": backends.resolve("dist_stats", device, torch.float32),
         "torch": torch.__version__,
         "shape": {"layers": LAYERS, "d": D, "heads": HEADS, "ffn": FFN, "seq": SEQ, "batch": BATCH},
         "variants": rows,
@@ -182,7 +182,7 @@ def test_training_step(benchmark, variant):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         setup.step()
-        benchmark.extra_info["dist_stats_backend"] = backends.resolve("cpu")
+        benchmark.extra_info["dist_stats_backend"] = backends.resolve("dist_stats", "cpu", torch.float32)
         benchmark.pedantic(setup.step, rounds=5, iterations=1, warmup_rounds=1)
     setup.close()
 

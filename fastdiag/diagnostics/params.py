@@ -23,14 +23,14 @@ owner records the values).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fastdiag.ops.norms import diff_norms, nonfinite_counts, norms, total_norm
+from fastdiag.ops.norms import diff_norms, nonfinite_counts, norms
+from fastdiag.ops.summaries import param_norms
 
 __all__ = [
     "AUTO_GROUP_MAX_PARAMS",
@@ -73,10 +73,6 @@ def group_fn(group: Any, count: int) -> Callable[[str], str]:
     if group == "parameter":
         return lambda name: name
     return lambda name: name.rpartition(".")[0] or name
-
-
-def _nan(device: torch.device) -> Tensor:
-    return torch.full((), math.nan, dtype=torch.float64, device=device)
 
 
 class _Plan:
@@ -150,35 +146,41 @@ class ParamTracker:
                 )
 
     def update(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(gradient norm, parameter norm, weight change), float64 0-d tensors on the device of
-        the first parameter.
+        """(gradient norm, parameter norm, weight change): :meth:`update_values` as three 0-d tensors."""
+        grad, norm, change = self.update_values(params).unbind()
+        return grad, norm, change
+
+    def update_values(self, params: Mapping[str, Tensor]) -> Tensor:
+        """float64 [3] on the device of the first parameter: (gradient norm, parameter norm,
+        weight change).
 
         The gradient norm covers the parameters with a ``.grad`` (0 when none has one). The
         weight change is ``||params now - params at the previous update||`` over the names
         present at both updates (0 when none is), NaN at the first update. The parameters are
-        then kept (:attr:`prev`) for the next update.
+        then kept (:attr:`prev`) for the next update. With the same names, shapes and dtypes as
+        the previous update this is one ``fastdiag.ops.summaries.param_norms`` call (one fused
+        op on the CPU) that also refreshes :attr:`prev` in place.
         """
         self.check(params)
         names = list(params)
         tensors = [params[n].detach() for n in names]
-        device = tensors[0].device
         grads = [p.grad.detach() for p in params.values() if p.grad is not None]
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        grad_norm = total_norm(grads).to(device) if grads else zero
-        param_norm = total_norm(tensors).to(device)
         prev = self.prev
-        if prev is None:
-            change = _nan(device)
-        else:
+        if prev is not None and _same_layout(prev, names, tensors):
+            return param_norms(tensors, grads, list(prev.values()))
+        values = param_norms(tensors, grads, None)
+        if prev is not None:  # the parameter set changed: the change over the common names
+            device = values.device
             common = [i for i, n in enumerate(names) if n in prev]
             if common:
                 cur = [tensors[i] for i in common]
                 old = [prev[names[i]].to(tensors[i].device) for i in common]
                 change = diff_norms(cur, old).to(device).square().sum().sqrt()
             else:
-                change = zero
+                change = torch.zeros((), dtype=torch.float64, device=device)
+            values = torch.stack([values[0], values[1], change])
         self.prev = _refresh(prev, names, tensors)
-        return grad_norm, param_norm, change
+        return values
 
     def state_dict(self) -> dict[str, Tensor] | None:
         """A copy of :attr:`prev` (None before the first update)."""
@@ -192,7 +194,7 @@ class ParamTracker:
             for k, v in prev.items():
                 if not isinstance(v, Tensor):
                     raise TypeError(f"{self.name} state [{k!r}] must be a torch.Tensor, got {type(v).__name__}")
-        self.prev = None if prev is None else {k: v.detach().clone() for k, v in prev.items()}
+        self.prev = None if prev is None else {k: _copy(v) for k, v in prev.items()}
 
     # -- groups: gradient health and update ratio across an optimizer step --------------------
 
@@ -292,18 +294,37 @@ def _refresh(
 ) -> dict[str, Tensor]:
     """Device copies of ``tensors`` under ``names``: ``store`` refreshed in place
     (``torch._foreach_copy_``) where a copy of the same shape, dtype and device exists, new
-    copies elsewhere. Without ``keep``, names not in ``names`` are dropped."""
+    contiguous copies elsewhere. Without ``keep``, names not in ``names`` are dropped."""
     out: dict[str, Tensor] = dict(keep) if keep is not None else {}
     reuse_dst: list[Tensor] = []
     reuse_src: list[Tensor] = []
     for n, t in zip(names, tensors, strict=True):
         old = None if store is None else store.get(n)
-        if old is not None and old.shape == t.shape and old.dtype == t.dtype and old.device == t.device:
+        if old is not None and _same_tensor_layout(old, t):
             out[n] = old
             reuse_dst.append(old)
             reuse_src.append(t)
         else:
-            out[n] = t.detach().clone()
+            out[n] = _copy(t)
     if reuse_dst:
         torch._foreach_copy_(reuse_dst, reuse_src)
     return out
+
+
+def _copy(t: Tensor) -> Tensor:
+    """A contiguous device copy (the fused ``param_norms`` op reads and refreshes those)."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _same_tensor_layout(old: Tensor, t: Tensor) -> bool:
+    return old.shape == t.shape and old.dtype == t.dtype and old.device == t.device and old.is_contiguous()
+
+
+def _same_layout(prev: Mapping[str, Tensor], names: list[str], tensors: list[Tensor]) -> bool:
+    """Whether ``prev`` holds a refreshable copy of each tensor, under the same names in order."""
+    if len(prev) != len(names):
+        return False
+    return all(
+        n == m and _same_tensor_layout(q, t)
+        for (m, q), n, t in zip(prev.items(), names, tensors, strict=True)
+    )
