@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastdiag.ops import summaries
+
 SUM, COUNT = 0, 1
 
 
@@ -86,7 +88,7 @@ class Accumulator:
             values = values.to(device=state.device, dtype=torch.float64)
         if src is None:
             src = torch.arange(idx.numel(), device=state.device)
-        _accumulate(state, idx, src, values)
+        summaries.accumulate(state, idx, src, values)
 
     def add(
         self,
@@ -173,23 +175,6 @@ class Accumulator:
         else:
             device = self._device or state.device
             self._state = state.to(device=device, dtype=torch.float64).clone()
-
-
-def _accumulate_torch(state: Tensor, idx: Tensor, src: Tensor, values: Tensor) -> None:
-    values = values.index_select(0, src)
-    ok = torch.isfinite(values)
-    rows = torch.stack([torch.where(ok, values, 0.0), ok.to(values.dtype)], dim=1)
-    state.index_add_(0, idx, rows)
-
-
-def _accumulate(state: Tensor, idx: Tensor, src: Tensor, values: Tensor) -> None:
-    """state[idx[j]] += (values[src[j]], 1) for every finite one (in place)."""
-    from fastdiag.ops import summaries  # imported here: it loads the extension
-
-    if summaries.use_cpu_op(state.device):
-        torch.ops.fastdiag.accumulate_(state, idx, src, values)
-    else:
-        _accumulate_torch(state, idx, src, values)
 
 
 def _first_device(values: Iterable[Any]) -> torch.device:

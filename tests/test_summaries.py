@@ -10,10 +10,19 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fastdiag
-from fastdiag import BaselineAttentionDiagnostics, SetDiagnostics, WeightDiagnostics, ops, schema
+from fastdiag import (
+    BaselineAttentionDiagnostics,
+    SetDiagnostics,
+    WeightDiagnostics,
+    backends,
+    ops,
+    schema,
+)
 from fastdiag.ops import summaries
 
-needs_cpu_ops = pytest.mark.skipif(not summaries.cpu_ops_available(), reason="needs the C++ extension")
+needs_cpu_ops = pytest.mark.skipif(
+    not backends.cpu_extension_available(), reason="needs the C++ extension"
+)
 
 
 def both(fn):
@@ -23,7 +32,7 @@ def both(fn):
     try:
         ref = fn()
     finally:
-        fastdiag.set_backend("auto")
+        fastdiag.set_backend(None)
     return out, ref
 
 
@@ -79,7 +88,7 @@ def test_param_norms_match_torch_and_refresh_prev(dtype):
     try:
         rv = summaries.param_norms(params, grads, prev_b)
     finally:
-        fastdiag.set_backend("auto")
+        fastdiag.set_backend(None)
     tol = 1e-5 if dtype == torch.float64 else 1e-2
     assert torch.allclose(v, rv, rtol=tol)
     assert all(torch.equal(a, p) and torch.equal(b, p) for a, b, p in zip(prev_a, prev_b, params))

@@ -12,122 +12,59 @@ one function producing one float64 vector whose layout is given by the ``*_FIELD
 * :func:`param_norms`   gradient norm, parameter norm and change against the previous
   parameters (refreshed in place).
 
-On the CPU each is one fused op of the C++ extension (``csrc/summaries.cpp``); on other devices,
-or with the ``torch`` backend, the torch code below computes the same values (a few dozen small
-kernels, never a host synchronisation).
+Each is an op on the template: the C++ extension's fused CPU kernel (``csrc/summaries.cpp``, one
+call per summary) or the portable torch code (``_summaries_torch.py``, a few dozen small kernels,
+never a host synchronisation), as ``fastdiag.backends`` decides; the field layouts live in
+``_summaries_layout.py``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from fastdiag.ops._dist_stats import DistStats, HeadSlot, Slot
-from fastdiag.schema import EFFECTIVE_HEAD_ENTROPY
+from fastdiag import _extension, backends
+from fastdiag.ops import _summaries_layout as _layout
+from fastdiag.ops import _summaries_torch as _torch
+from fastdiag.ops._dist_stats import DistStats
+from fastdiag.ops._summaries_layout import DIST, DIST_FIELDS, PARAM_FIELDS, USAGE, USAGE_FIELDS
 
 __all__ = [
+    "DIST",
     "DIST_FIELDS",
-    "USAGE_FIELDS",
     "PARAM_FIELDS",
-    "cpu_ops_available",
+    "USAGE",
+    "USAGE_FIELDS",
+    "accumulate",
     "dist_summary",
-    "usage_summary",
     "param_norms",
+    "usage_summary",
 ]
 
-DIST_FIELDS: tuple[str, ...] = (
-    "entropy_mean",  # mean row entropy h (nats)
-    "entropy_norm",  # h / log n (NaN for n = 1)
-    "top1_mean",
-    "top1_std",  # unbiased std of the row max
-    "kl_uniform",  # log n - h
-    "sparsity",  # share of entries > tau
-    "support_mean",  # mean number of entries > eps
-    "prune_frac",  # share of entries <= eps
-    "nonfinite_rows",
-    "head_sparsity",  # share of per-head entries > tau (the row itself without heads)
-    "head_entropy_mean",  # mean per-head row entropy
-    "effective_heads",  # share of heads whose mean H / log n < EFFECTIVE_HEAD_ENTROPY
-    "pattern_jaccard",  # Jaccard of the flattened top-k sets, now vs previous update
-    "topk_jaccard_per_query",  # mean per-row top-k Jaccard, now vs previous update
-)
-DIST = {name: i for i, name in enumerate(DIST_FIELDS)}
 
-USAGE_FIELDS: tuple[str, ...] = (
-    "active_ratio",  # #active / S, NaN when nothing was routed
-    "size_mean",
-    "size_std",
-    "entropy",
-    "entropy_norm",
-    "gini",
-    "top1_share",
-    "reuse_jaccard",  # active set now vs previous update (NaN without one)
-    "variance",
-    "out_of_range",
-    "active_ratio_raw",  # #active / S (0 when nothing was routed)
-)
-USAGE = {name: i for i, name in enumerate(USAGE_FIELDS)}
-
-PARAM_FIELDS: tuple[str, ...] = ("gradient_norm", "param_norm", "weight_change")
-
-_available: list[bool] = []
+def _register(op: str, kernel: str, torch_impl, fake) -> None:
+    _extension.register_fake(kernel, fake)
+    backends.register(
+        op,
+        {
+            "cpu": backends.Impl(lambda: _extension.op(kernel), devices=("cpu",), kernel=kernel),
+            "torch": backends.Impl(lambda: torch_impl),
+        },
+    )
 
 
-def cpu_ops_available() -> bool:
-    """True when the C++ summary ops are registered (the extension is built and loaded)."""
-    if not _available:
-        from fastdiag import _extension, backends
-
-        if backends.load_extension() is None:
-            return False
-        _available.append(_extension.has_kernel("dist_summary", "CPU"))
-    return _available[0]
+_register("accumulate", "accumulate_", _torch.accumulate_torch, _layout.accumulate_fake)
+_register("dist_summary", "dist_summary", _torch.dist_summary_torch, _layout.dist_summary_fake)
+_register("usage_summary", "usage_summary", _torch.usage_summary_torch, _layout.usage_summary_fake)
+_register("param_norms", "param_norms_", _torch.param_norms_torch, _layout.param_norms_fake)
 
 
-def use_cpu_op(device: torch.device) -> bool:
-    """Whether the fused C++ summary ops run for tensors on ``device`` (the ``cpu`` backend)."""
-    if device.type != "cpu":
-        return False
-    from fastdiag import backends
-
-    return backends.get_backend() in ("auto", "cpu") and cpu_ops_available()
-
-
-def _register_fakes() -> None:
-    from fastdiag import _extension
-
-    def accumulate_fake(state: Tensor, slots: Tensor, src: Tensor, values: Tensor) -> None:
-        return None
-
-    def dist_fake(sums, head_sums, topk, prev_top, prev_bitmap, n, from_heads, jaccard):
-        return sums.new_empty(len(DIST_FIELDS), dtype=torch.float64), sums.new_empty(
-            n if jaccard else 0, dtype=torch.bool
-        )
-
-    def usage_fake(indices, num_sets, prev_active):
-        return (
-            indices.new_empty(len(USAGE_FIELDS), dtype=torch.float64),
-            indices.new_empty(num_sets, dtype=torch.bool),
-        )
-
-    def param_fake(params, grads, prev, has_prev):
-        return params[0].new_empty(len(PARAM_FIELDS), dtype=torch.float64)
-
-    _extension.register_fake("accumulate_", accumulate_fake)
-    _extension.register_fake("dist_summary", dist_fake)
-    _extension.register_fake("usage_summary", usage_fake)
-    _extension.register_fake("param_norms_", param_fake)
-
-
-_register_fakes()
-
-
-# ------------------------------------------------------------------------------------------------
-# dist_stats -> values
-# ------------------------------------------------------------------------------------------------
+def accumulate(state: Tensor, idx: Tensor, src: Tensor, values: Tensor) -> None:
+    """state[idx[j]] += (values[src[j]], 1) for every finite one (in place): state float64
+    [K, 2] (sum, count), idx / src int64 [J], values float64 [V], all on one device."""
+    backends.implementation("accumulate", state.device, state.dtype)(state, idx, src, values)
 
 
 def dist_summary(
@@ -147,113 +84,19 @@ def dist_summary(
     the per-query one also NaN when the top-k shapes differ).
     """
     sums = stats.sums
-    if use_cpu_op(sums.device):
-        return torch.ops.fastdiag.dist_summary(
-            sums, stats.head_sums, stats.topk, prev_top, prev_bitmap, n, from_heads, jaccard
-        )
-    return _dist_summary_torch(stats, n, from_heads, prev_top, prev_bitmap, jaccard)
+    impl = backends.implementation("dist_summary", sums.device, sums.dtype)
+    return impl(sums, stats.head_sums, stats.topk, prev_top, prev_bitmap, n, from_heads, jaccard)
 
 
-def _normalised(h: Tensor, n: int) -> Tensor:
-    return h / math.log(n) if n > 1 else h * math.nan
-
-
-def _dist_summary_torch(
-    stats: DistStats,
-    n: int,
-    from_heads: bool,
-    prev_top: Tensor | None,
-    prev_bitmap: Tensor | None,
-    jaccard: bool,
+def usage_summary(
+    indices: Tensor, num_sets: int, prev_active: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    from fastdiag.ops import jaccard as _jaccard
-
-    sums = stats.sums.to(torch.float64)
-    device = sums.device
-    nan = torch.full((), math.nan, dtype=torch.float64, device=device)
-    count = sums[Slot.COUNT]
-    h = sums[Slot.ENTROPY] / count
-    m = sums[Slot.MAX] / count
-    var = (sums[Slot.MAX_SQ] - count * m * m) / (count - 1)
-    if from_heads:
-        head_sums = stats.head_sums.to(torch.float64)
-        heads = head_sums.shape[0]
-        head_entropy = head_sums[:, HeadSlot.ENTROPY]
-        gt_tau = head_sums[:, HeadSlot.GT_TAU].sum()
-    else:
-        heads = 1
-        head_entropy = sums[Slot.ENTROPY].reshape(1)
-        gt_tau = sums[Slot.GT_TAU]
-    per_head = _normalised(head_entropy / count, n)
-    effective = (per_head < EFFECTIVE_HEAD_ENTROPY).to(torch.float64).mean()
-    pattern = per_query = nan
-    bitmap = torch.zeros(0, dtype=torch.bool, device=device)
-    if jaccard:
-        bitmap = _jaccard.index_bitmap(stats.topk, n)
-        if prev_bitmap is not None:
-            pattern = _jaccard.bitmap_jaccard(bitmap, prev_bitmap)
-            if prev_top is not None and prev_top.shape == stats.topk.shape:
-                per_query = _jaccard.topk_jaccard_per_query(stats.topk, prev_top)
-    values = torch.stack(
-        [
-            h,
-            _normalised(h, n),
-            m,
-            var.clamp_min(0).sqrt(),
-            math.log(n) - h,
-            sums[Slot.GT_TAU] / (count * n),
-            sums[Slot.GT_EPS] / count,
-            1 - sums[Slot.GT_EPS] / (count * n),
-            sums[Slot.NONFINITE],
-            gt_tau / (count * heads * n),
-            head_entropy.sum() / (count * heads),
-            torch.where(count > 0, effective, nan),
-            pattern,
-            per_query,
-        ]
-    )
-    return values, bitmap
-
-
-# ------------------------------------------------------------------------------------------------
-# bank indices -> usage values
-# ------------------------------------------------------------------------------------------------
-
-
-def usage_summary(indices: Tensor, num_sets: int, prev_active: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(float64 [len(USAGE_FIELDS)], bool active [num_sets]) of the choices in ``indices``.
 
     indices: integer, any shape (< 0 padding; >= num_sets counted in ``out_of_range`` only).
     """
-    if use_cpu_op(indices.device):
-        return torch.ops.fastdiag.usage_summary(indices, num_sets, prev_active)
-    from fastdiag.ops import jaccard as _jaccard
-    from fastdiag.ops.usage import usage_stats
-
-    u = usage_stats(indices, num_sets)
-    nan = torch.full((), math.nan, dtype=torch.float64, device=indices.device)
-    reuse = nan if prev_active is None else _jaccard.bitmap_jaccard(u.active, prev_active)
-    values = torch.stack(
-        [
-            torch.where(u.total > 0, u.active_ratio, nan),
-            u.size_mean,
-            u.size_std,
-            u.entropy,
-            u.entropy_norm,
-            u.gini,
-            u.top1_share,
-            reuse,
-            u.variance,
-            u.out_of_range.to(torch.float64),
-            u.active_ratio,
-        ]
-    )
-    return values, u.active
-
-
-# ------------------------------------------------------------------------------------------------
-# parameters -> norms
-# ------------------------------------------------------------------------------------------------
+    impl = backends.implementation("usage_summary", indices.device, torch.float64)
+    return impl(indices, num_sets, prev_active)
 
 
 def param_norms(
@@ -262,19 +105,14 @@ def param_norms(
     """float64 [3] (gradient norm, parameter norm, change ||params - prev||; NaN without ``prev``).
 
     ``prev`` (same shapes and dtypes as ``params``, contiguous) is overwritten with ``params``.
-    The gradient norm is 0 without gradients.
+    The gradient norm is 0 without gradients. Tensors on several devices run the torch code.
     """
     device = params[0].device
-    if use_cpu_op(device) and all(p.device.type == "cpu" for p in params):
-        return torch.ops.fastdiag.param_norms_(list(params), list(grads), list(prev or ()), prev is not None)
-    from fastdiag.ops import norms as _norms
-
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    grad_norm = _norms.total_norm(grads).to(device) if grads else zero
-    param_norm = _norms.total_norm(params).to(device)
-    if prev is None:
-        change = torch.full((), math.nan, dtype=torch.float64, device=device)
-    else:
-        change = _norms.diff_norms(params, prev).to(device).square().sum().sqrt()
-        torch._foreach_copy_(list(prev), list(params))
-    return torch.stack([grad_norm, param_norm, change])
+    same = all(p.device == device for p in params) and all(g.device == device for g in grads)
+    op = "param_norms" if same else None
+    impl = (
+        backends.implementation(op, device, torch.float64)
+        if op is not None
+        else _torch.param_norms_torch
+    )
+    return impl(list(params), list(grads), list(prev or ()), prev is not None)

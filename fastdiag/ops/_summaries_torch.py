@@ -1,0 +1,128 @@
+"""Portable PyTorch implementations of the per-update summary ops (the torch backend; the
+C++ kernels in ``csrc/summaries.cpp`` compute the same values in one call each)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastdiag.ops import jaccard as _jaccard
+from fastdiag.ops import norms as _norms
+from fastdiag.ops._dist_stats import HeadSlot, Slot
+from fastdiag.ops.usage import usage_stats
+from fastdiag.schema import EFFECTIVE_HEAD_ENTROPY
+
+
+def _normalised(h: Tensor, n: int) -> Tensor:
+    return h / math.log(n) if n > 1 else h * math.nan
+
+
+def dist_summary_torch(
+    sums: Tensor,
+    head_sums: Tensor,
+    topk: Tensor,
+    prev_top: Tensor | None,
+    prev_bitmap: Tensor | None,
+    n: int,
+    from_heads: bool,
+    jaccard: bool,
+) -> tuple[Tensor, Tensor]:
+    """Torch implementation of ``fastdiag::dist_summary`` (see ``summaries.dist_summary``)."""
+    sums = sums.to(torch.float64)
+    device = sums.device
+    nan = torch.full((), math.nan, dtype=torch.float64, device=device)
+    count = sums[Slot.COUNT]
+    h = sums[Slot.ENTROPY] / count
+    m = sums[Slot.MAX] / count
+    var = (sums[Slot.MAX_SQ] - count * m * m) / (count - 1)
+    if from_heads:
+        head_sums = head_sums.to(torch.float64)
+        heads = head_sums.shape[0]
+        head_entropy = head_sums[:, HeadSlot.ENTROPY]
+        gt_tau = head_sums[:, HeadSlot.GT_TAU].sum()
+    else:
+        heads = 1
+        head_entropy = sums[Slot.ENTROPY].reshape(1)
+        gt_tau = sums[Slot.GT_TAU]
+    per_head = _normalised(head_entropy / count, n)
+    effective = (per_head < EFFECTIVE_HEAD_ENTROPY).to(torch.float64).mean()
+    pattern = per_query = nan
+    bitmap = torch.zeros(0, dtype=torch.bool, device=device)
+    if jaccard:
+        bitmap = _jaccard.index_bitmap(topk, n)
+        if prev_bitmap is not None:
+            pattern = _jaccard.bitmap_jaccard(bitmap, prev_bitmap)
+            if prev_top is not None and prev_top.shape == topk.shape:
+                per_query = _jaccard.topk_jaccard_per_query(topk, prev_top)
+    values = torch.stack(
+        [
+            h,
+            _normalised(h, n),
+            m,
+            var.clamp_min(0).sqrt(),
+            math.log(n) - h,
+            sums[Slot.GT_TAU] / (count * n),
+            sums[Slot.GT_EPS] / count,
+            1 - sums[Slot.GT_EPS] / (count * n),
+            sums[Slot.NONFINITE],
+            gt_tau / (count * heads * n),
+            head_entropy.sum() / (count * heads),
+            torch.where(count > 0, effective, nan),
+            pattern,
+            per_query,
+        ]
+    )
+    return values, bitmap
+
+
+def usage_summary_torch(
+    indices: Tensor, num_sets: int, prev_active: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Torch implementation of ``fastdiag::usage_summary``."""
+    u = usage_stats(indices, num_sets)
+    nan = torch.full((), math.nan, dtype=torch.float64, device=indices.device)
+    reuse = nan if prev_active is None else _jaccard.bitmap_jaccard(u.active, prev_active)
+    values = torch.stack(
+        [
+            torch.where(u.total > 0, u.active_ratio, nan),
+            u.size_mean,
+            u.size_std,
+            u.entropy,
+            u.entropy_norm,
+            u.gini,
+            u.top1_share,
+            reuse,
+            u.variance,
+            u.out_of_range.to(torch.float64),
+            u.active_ratio,
+        ]
+    )
+    return values, u.active
+
+
+def param_norms_torch(
+    params: Sequence[Tensor], grads: Sequence[Tensor], prev: Sequence[Tensor], has_prev: bool
+) -> Tensor:
+    """Torch implementation of ``fastdiag::param_norms_`` (``prev`` refreshed in place)."""
+    prev = prev if has_prev else None
+    device = params[0].device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    grad_norm = _norms.total_norm(grads).to(device) if grads else zero
+    param_norm = _norms.total_norm(params).to(device)
+    if prev is None:
+        change = torch.full((), math.nan, dtype=torch.float64, device=device)
+    else:
+        change = _norms.diff_norms(params, prev).to(device).square().sum().sqrt()
+        torch._foreach_copy_(list(prev), list(params))
+    return torch.stack([grad_norm, param_norm, change])
+
+
+def accumulate_torch(state: Tensor, idx: Tensor, src: Tensor, values: Tensor) -> None:
+    """state[idx[j]] += (values[src[j]], 1) for every finite one, in place (``fastdiag::accumulate_``)."""
+    values = values.index_select(0, src)
+    ok = torch.isfinite(values)
+    rows = torch.stack([torch.where(ok, values, 0.0), ok.to(values.dtype)], dim=1)
+    state.index_add_(0, idx, rows)
