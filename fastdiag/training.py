@@ -22,8 +22,8 @@ from fastdiag.diagnostics.training import (
     SPARSITY_TAU,
     TrainingDiagnostics,
 )
-from fastdiag.integrations.registry import PROBE_AT, probe, register_attention
 from fastdiag.integrations.hooks import Watch, watch
+from fastdiag.integrations.registry import PROBE_AT, probe, register_attention
 
 __all__ = [
     "ATTENTION_METRICS",

@@ -142,12 +142,55 @@ def test_same_values_as_the_original_tracker_of_the_drop_in_classes():
         pytest.skip("_base._ParamTracker is gone (the classes use ParamTracker)")
     params = make()
     new, old = ParamTracker("params"), original_cls("params")
-    for i in range(3):
+    for i in range(4):
         subset = params if i != 1 else {n: params[n] for n in list(params)[:2]}
-        for a, b in zip(new.update(subset), old.update(subset), strict=True):
+        if i == 3 and hasattr(old, "update_values"):
+            a, b = new.update_values(subset), old.update_values(subset)
+            assert a.shape == b.shape == (3,)
+            pairs = zip(a.unbind(), b.unbind(), strict=True)
+        else:
+            pairs = zip(new.update(subset), old.update(subset), strict=True)
+        for a, b in pairs:
             assert torch.equal(a, b) or (a.isnan() and b.isnan())
         step(params)
     assert new.prev.keys() == old.prev.keys()
+    assert all(torch.equal(new.prev[n], old.prev[n]) for n in new.prev)
+
+
+def test_works_as_a_declared_state_of_a_diagnostics_class():
+    """The drop-in classes declare it with add_state(..., reset=False): saved and restored."""
+    from fastdiag.diagnostics.base import Diagnostics
+
+    keys = ("grad_norm", "param_norm", "weight_change")
+
+    class Toy(Diagnostics):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("_params", ParamTracker("params"), reset=False)
+
+        def metric_keys(self) -> tuple[str, ...]:
+            return keys
+
+        def update(self, params) -> None:
+            self._params.check(params)
+            self._add(keys, self._params.update_values(params))
+
+    params = make()
+    a = Toy()
+    a.update(params)
+    step(params)
+    b = Toy()
+    b.load_state_dict(a.state_dict())
+    assert b._params.prev.keys() == params.keys()
+    a.update(params)
+    b.update(params)
+    assert a.get_epoch_stats() == b.get_epoch_stats()
+    a.reset()  # reset=False: the previous parameters stay
+    assert a._params.prev is not None
+    bad = a.state_dict()
+    bad["states"]["_params"] = {"enc.layer.w": 1.0}
+    with pytest.raises(ValueError, match="_params"):
+        b.load_state_dict(bad)
 
 
 # ----------------------------------------------------------------------------------------------
