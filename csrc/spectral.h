@@ -25,7 +25,7 @@
 //        method for a CPU core.
 //   3. lambda <= eigen_cut = n * eps64 * lambda_max -> 0 (both methods resolve eigenvalues of G
 //      to about eps64 * lambda_max, so smaller ones are noise), sigma = sqrt(lambda), then the
-//      statistics (METRICS.md section 4).
+//      statistics (docs/metrics.md §4).
 //
 // Accuracy: singular values below sqrt(n * eps64) * sigma_1 (~1.7e-7 sigma_1 for n = 128)
 // are not resolved by any Gram-based method and are reported as 0 (so condition numbers above
