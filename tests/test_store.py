@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
+import socket
 import sqlite3
 import struct
 import subprocess
@@ -116,7 +118,7 @@ def test_resume_appends_and_relogging_replaces(tmp_path):
         for step in range(5):
             logger.log({"loss": 10.0 - step}, step)
     start = list_runs(path)[0].start_time
-    with MetricsLogger(path, run="exp") as logger:
+    with MetricsLogger(path, run="exp", resume=True) as logger:
         for step in range(5, 8):
             logger.log({"loss": 10.0 - step}, step)
         logger.log({"loss": 100.0}, step=2)  # same (run, step, name): replaced
@@ -474,3 +476,163 @@ def test_cuda_tensors_are_logged_without_a_host_sync(tmp_path):
     loaded = load_metrics(path)["gpu"]
     assert loaded["total"].values.tolist() == [float(s) for s in range(10)]
     assert loaded["half"].values.tolist() == [0.5] * 10
+
+
+# ---------------------------------------------------------------- reliability regressions
+
+
+def _write_default_named_run(path, barrier, rows):
+    """Child process: a logger with the default run name, started in the same second as its
+    sibling's, writing ``rows`` rows."""
+    barrier.wait()
+    time.sleep(1.05 - time.time() % 1.0)  # both siblings start just after the same second
+    with MetricsLogger(path) as logger:
+        for step in range(rows):
+            logger.log({"x": float(step)}, step)
+        assert logger.flush() is True and logger.dropped == 0
+
+
+def test_default_run_names_are_unique_across_processes(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "m.db"
+    with MetricsLogger(path) as first:  # the schema exists before the children race
+        pass
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    children = [
+        context.Process(target=_write_default_named_run, args=(str(path), barrier, 3000))
+        for _ in range(2)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    assert [child.exitcode for child in children] == [0, 0]
+    runs = [r.name for r in list_runs(path)]
+    assert len(runs) == 3 and len(set(runs)) == 3 and first.run in runs
+    assert len(rows_of(path)) == 6000
+    # one script, two loggers in the same second: two runs too
+    a, b = MetricsLogger(path), MetricsLogger(path)
+    a.close()
+    b.close()
+    assert a.run != b.run and str(os.getpid()) in a.run and socket.gethostname() in a.run
+
+
+def test_reusing_a_run_name_needs_resume(tmp_path):
+    from fastdiag.store import RESUMED_CONFIGS_KEY
+
+    path = tmp_path / "m.db"
+    with MetricsLogger(path, run="exp", config={"lr": 0.1}) as logger:
+        logger.log({"loss": 1.0}, 0)
+    with pytest.raises(ValueError, match=r"run 'exp' already exists in .*m\.db.*resume=True"):
+        MetricsLogger(path, run="exp", config={"lr": 0.5})
+    with MetricsLogger(path, run="exp", config={"lr": 0.5, "note": "resumed"}, resume=True) as log2:
+        log2.log({"loss": 0.5}, 1)
+    with MetricsLogger(path, run="exp", config={"lr": 0.1}, resume=True) as log3:  # same config
+        log3.log({"loss": 0.25}, 2)
+    assert load_metrics(path)["exp"]["loss"].values.tolist() == [1.0, 0.5, 0.25]
+    (run,) = list_runs(path)
+    assert run.config["lr"] == 0.1  # the original config is kept ...
+    resumed = run.config[RESUMED_CONFIGS_KEY]  # ... and the new, different one recorded
+    assert [entry["config"] for entry in resumed] == [{"lr": 0.5, "note": "resumed"}]
+    with MetricsLogger(path, run="fresh", resume=True) as log4:  # nothing to resume: a new run
+        log4.log({"loss": 3.0}, 0)
+    assert load_metrics(path)["fresh"]["loss"].values.tolist() == [3.0]
+
+
+def test_log_rejects_what_sqlite_cannot_store(tmp_path):
+    path = tmp_path / "m.db"
+    with MetricsLogger(path, run="r") as logger:
+        with pytest.raises(ValueError, match=r"step must fit in a signed 64-bit int.*2\*\*63"):
+            logger.log({"x": 1.0}, 2**63)
+        with pytest.raises(ValueError, match="step"):
+            logger.log({"x": 1.0}, -(2**63) - 1)
+        with pytest.raises(ValueError, match=r"metric name 'bad\\ud800' .*UTF-8"):
+            logger.log({"bad\ud800": 1.0}, 0)
+        with pytest.raises(TypeError, match="metric names must be str, got int"):
+            logger.log({3: 1.0}, 0)
+        with pytest.raises(ValueError, match=r"metric 'huge'.*too large for a float"):
+            logger.log({"huge": 10**400, "ok": 2.0}, 1)
+        logger.log({"x": 1.0}, 2**63 - 1)  # the edges are fine
+        logger.log({"x": 1.0}, -(2**63))
+        for step in range(50):
+            logger.log({"x": float(step)}, step)
+        assert logger.flush() is True and logger.dropped == 0
+    assert len(rows_of(path)) == 52
+
+
+def test_a_huge_value_in_the_writer_costs_no_other_row(tmp_path):
+    """Values that slip past log() (a Real whose float() overflows) cost only themselves."""
+    import fractions
+
+    path = tmp_path / "m.db"
+    with MetricsLogger(path, run="r", flush_interval=60) as logger:
+        logger.log({"ok": 1.0}, 0)
+        with pytest.raises(ValueError, match="metric 'huge'"):
+            logger.log({"huge": fractions.Fraction(10**400), "ok": 2.0}, 1)
+        logger.log({"ok": 3.0}, 2)
+        assert logger.flush() is True
+    assert load_metrics(path)["r"]["ok"].values.tolist() == [1.0, 3.0]
+
+
+def test_a_row_the_sink_rejects_costs_only_that_row(tmp_path):
+    path = tmp_path / "m.db"
+    with MetricsLogger(path, run="setup") as logger:
+        pass
+    with sqlite3.connect(path) as conn:  # a database constraint rejects one metric name
+        conn.execute(
+            "CREATE TRIGGER no_poison BEFORE INSERT ON metrics WHEN NEW.name = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poison row'); END"
+        )
+    logger = MetricsLogger(path, run="r", flush_interval=60)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger.log({"poison": 1.0}, 0)
+        for step in range(1, 51):
+            logger.log({"x": float(step)}, step)
+        assert logger.flush() is False  # a row was dropped in this flush
+        assert logger.dropped == 1
+        logger.log({"x": 51.0}, 51)
+        assert logger.flush() is True  # later flushes store everything again
+        logger.close()
+    assert any("rejected" in str(w.message) and "poison" in str(w.message) for w in caught)
+    loaded = load_metrics(path)["r"]
+    assert loaded["x"].values.tolist() == [float(s) for s in range(1, 52)]
+    assert loaded[DROPPED_KEY].values.tolist()[-1] == 1.0
+
+
+def test_a_custom_sink_rejecting_rows_loses_only_those(tmp_path):
+    class Picky(ListSink):
+        def write(self, rows):
+            if any(name == "bad" for _, name, _, _ in rows):
+                raise ValueError("bad row")
+            super().write(rows)
+
+    sink = Picky()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with MetricsLogger(None, run="r", sinks=[sink], flush_interval=60) as logger:
+            for step in range(20):
+                logger.log({"a": float(step), "bad": 0.0} if step % 7 == 3 else {"a": 1.0}, step)
+            logger.flush()
+    assert logger.dropped == 3
+    assert len([r for r in sink.rows if r[1] == "a"]) == 20
+    assert [r[2] for r in sink.rows if r[1] == DROPPED_KEY][-1] == 3.0
+
+
+def test_schema_mismatch_fails_in_the_constructor(tmp_path):
+    path = tmp_path / "foreign.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE metrics (run TEXT, step INTEGER, name TEXT, value REAL)")
+    with pytest.raises(ValueError, match=r"foreign\.db.*expected columns .*wall_time.*found"):
+        MetricsLogger(path, run="r")
+
+
+def test_a_directory_or_unopenable_path_is_named(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path))):
+        MetricsLogger(tmp_path, run="r")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=re.escape(str(blocker / "m.db"))):
+        MetricsLogger(blocker / "m.db", run="r")

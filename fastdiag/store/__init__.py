@@ -7,6 +7,7 @@ Weights & Biases. The readers (``list_runs``, ``metric_names``, ``load_metrics``
 """
 
 from fastdiag.store.database import (
+    RESUMED_CONFIGS_KEY,
     RunInfo,
     Series,
     decode_value,
@@ -16,13 +17,23 @@ from fastdiag.store.database import (
     load_metrics,
     metric_names,
 )
-from fastdiag.store.logger import DROPPED_KEY, MetricsLogger
-from fastdiag.store.sinks import JSONLSink, Row, Sink, SQLiteSink, TensorBoardSink, WandbSink
+from fastdiag.store.logger import DROPPED_KEY, MetricsLogger, default_run_name
+from fastdiag.store.sinks import (
+    ROW_ERRORS,
+    JSONLSink,
+    Row,
+    Sink,
+    SQLiteSink,
+    TensorBoardSink,
+    WandbSink,
+)
 
 __all__ = [
     "DROPPED_KEY",
     "JSONLSink",
     "MetricsLogger",
+    "RESUMED_CONFIGS_KEY",
+    "ROW_ERRORS",
     "Row",
     "RunInfo",
     "SQLiteSink",
@@ -31,6 +42,7 @@ __all__ = [
     "TensorBoardSink",
     "WandbSink",
     "decode_value",
+    "default_run_name",
     "encode_value",
     "history",
     "list_runs",

@@ -44,6 +44,9 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (name, run, step)",
 )
 
+RESUMED_CONFIGS_KEY = "fastdiag/resumed_configs"
+"""Key of a resumed run's config listing the configs of resumes that differed from it."""
+
 INSERT_METRIC = (
     "INSERT OR REPLACE INTO metrics (run, step, name, value, special, wall_time) "
     "VALUES (?, ?, ?, ?, ?, ?)"
@@ -71,13 +74,92 @@ def decode_value(value: float | None, special: str | None) -> float:
 def connect(
     path: str | Path, *, readonly: bool = False, timeout: float = 5.0
 ) -> sqlite3.Connection:
-    """A connection to the store at ``path``; read-only connections never create the file."""
+    """A connection to the store at ``path``; read-only connections never create the file.
+
+    Raises ``FileNotFoundError`` (read-only, no file) or ``ValueError`` naming the path when
+    it is a directory or SQLite cannot open it.
+    """
     path = Path(path)
-    if readonly:
-        if not path.exists():
-            raise FileNotFoundError(f"no metrics database at {str(path)!r}")
-        return sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=timeout)
-    return sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
+    if path.is_dir():
+        raise ValueError(f"the metrics database path {str(path)!r} is a directory, not a file")
+    if readonly and not path.exists():
+        raise FileNotFoundError(f"no metrics database at {str(path)!r}")
+    try:
+        if readonly:
+            return sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=timeout)
+        return sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise ValueError(f"cannot open the metrics database {str(path)!r}: {exc}") from exc
+
+
+# (column names in order, primary key columns in order) of the tables writers rely on
+EXPECTED_COLUMNS = {
+    "runs": (
+        ("name", "config", "start_time", "host", "fastdiag_version", "torch_version"),
+        ("name",),
+    ),
+    "metrics": (("run", "step", "name", "value", "special", "wall_time"), ("run", "step", "name")),
+}
+READ_COLUMNS = {"run", "step", "name", "value", "special"}  # what the readers need of metrics
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> tuple[str | None, list[str], list[str]]:
+    """(type in sqlite_master or None, column names, primary key columns in key order)."""
+    found = conn.execute(
+        "SELECT type FROM sqlite_master WHERE name = ? AND type IN ('table', 'view')", (table,)
+    ).fetchone()
+    if found is None:
+        return None, [], []
+    info = conn.execute(f"PRAGMA table_info({table})").fetchall()
+    names = [row[1] for row in info]
+    pk = [row[1] for row in sorted((r for r in info if r[5]), key=lambda r: r[5])]
+    return found[0], names, pk
+
+
+def check_schema(conn: sqlite3.Connection, path: str | Path) -> None:
+    """Raise ``ValueError`` naming ``path`` unless its tables are the ones writers expect."""
+    for table, (columns, key) in EXPECTED_COLUMNS.items():
+        kind, names, pk = _columns(conn, table)
+        if kind is None:
+            continue  # created by create_schema
+        if kind != "table" or tuple(names) != columns or tuple(pk) != key:
+            raise ValueError(
+                f"the {table!r} {kind} of {str(path)!r} has another schema: expected columns "
+                f"{', '.join(columns)} (primary key {', '.join(key)}), found "
+                f"{', '.join(names) or 'none'} (primary key {', '.join(pk) or 'none'}); use "
+                f"another file for fastdiag metrics"
+            )
+
+
+def open_reader(path: str | Path) -> tuple[sqlite3.Connection, bool]:
+    """A read-only connection to a fastdiag store and whether it has a ``runs`` table.
+
+    ``FileNotFoundError`` when there is no file; ``ValueError`` naming the path when it is a
+    directory, not an SQLite database, or has no usable ``metrics`` table.
+    """
+    conn = connect(path, readonly=True)
+    try:
+        kind, names, _ = _columns(conn, "metrics")
+        if kind is None:
+            raise ValueError(
+                f"{str(path)!r} is not a fastdiag metrics database: it has no 'metrics' table"
+            )
+        missing = sorted(READ_COLUMNS - set(names))
+        if missing:
+            raise ValueError(
+                f"the 'metrics' table of {str(path)!r} lacks the columns {', '.join(missing)} "
+                f"(found {', '.join(names)})"
+            )
+        has_runs = _columns(conn, "runs")[0] is not None
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise ValueError(
+            f"{str(path)!r} is not a readable SQLite metrics database ({exc})"
+        ) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn, has_runs
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
@@ -109,11 +191,14 @@ def _run_from_row(row: Sequence[Any]) -> RunInfo:
 
 def list_runs(path: str | Path) -> list[RunInfo]:
     """Every run recorded in the store, in start order."""
-    with closing(connect(path, readonly=True)) as conn:
-        rows = conn.execute(
-            "SELECT name, config, start_time, host, fastdiag_version, torch_version "
-            "FROM runs ORDER BY start_time, name"
-        ).fetchall()
+    conn, has_runs = open_reader(path)
+    with closing(conn):
+        rows = []
+        if has_runs:
+            rows = conn.execute(
+                "SELECT name, config, start_time, host, fastdiag_version, torch_version "
+                "FROM runs ORDER BY start_time, name"
+            ).fetchall()
         known = {r[0] for r in rows}
         # runs written by foreign tools may have metrics without a runs row
         extra = [
@@ -126,7 +211,7 @@ def list_runs(path: str | Path) -> list[RunInfo]:
 
 def metric_names(path: str | Path, run: str | None = None) -> list[str]:
     """Sorted distinct metric names (of one run, or of all runs)."""
-    with closing(connect(path, readonly=True)) as conn:
+    with closing(open_reader(path)[0]) as conn:
         if run is None:
             rows = conn.execute("SELECT DISTINCT name FROM metrics ORDER BY name").fetchall()
         else:
@@ -164,7 +249,7 @@ def load_metrics(
         query += " WHERE " + " AND ".join(clauses)
     query += " ORDER BY run, name, step"
     grouped: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    with closing(connect(path, readonly=True)) as conn:
+    with closing(open_reader(path)[0]) as conn:
         for run, name, step, value, special in conn.execute(query, params):
             steps, values = grouped.setdefault(run, {}).setdefault(name, ([], []))
             steps.append(step)

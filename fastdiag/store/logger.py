@@ -9,6 +9,12 @@ or on :meth:`flush` / :meth:`close`). A sink that fails (disk error, locked data
 network) never raises into the training loop: the logger warns once, keeps up to
 ``max_buffer_rows`` rows for that sink (dropping the oldest beyond that), retries with
 backoff, and reports the number of dropped rows in the ``health/logger_dropped`` metric.
+
+No row accepted by :meth:`MetricsLogger.log` is lost silently: it is stored, or counted in
+:attr:`MetricsLogger.dropped` and ``health/logger_dropped``. ``log`` rejects up front what no
+store can hold (a step outside int64, a name that is not a ``str`` or cannot be UTF-8 encoded,
+a Python number too large for a float); a sink that rejects single rows (one of
+:data:`~fastdiag.store.sinks.ROW_ERRORS`) costs only those rows, found by bisecting the batch.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import atexit
 import functools
 import numbers
 import os
+import secrets
 import socket
 import threading
 import time
@@ -30,10 +37,49 @@ from typing import Any, NamedTuple
 import torch
 
 from fastdiag.store.database import RunInfo
-from fastdiag.store.sinks import JSONLSink, Row, Sink, SQLiteSink, TensorBoardSink, WandbSink
+from fastdiag.store.sinks import (
+    ROW_ERRORS,
+    JSONLSink,
+    Row,
+    Sink,
+    SQLiteSink,
+    TensorBoardSink,
+    WandbSink,
+)
 
 DROPPED_KEY = "health/logger_dropped"
 _MAX_BACKOFF = 30.0
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def default_run_name() -> str:
+    """``run-<date>-<time>-<host>-<pid>-<6 random hex digits>``: unique across loggers
+    started in the same second, in one process or many, on one host or many."""
+    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"run-{stamp}-{host or 'host'}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _check_name(name: object) -> None:
+    if type(name) is not str:
+        raise TypeError(f"metric names must be str, got {type(name).__name__}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"metric name {name!r} cannot be stored: it cannot be UTF-8 encoded ({exc.reason} "
+            f"at index {exc.start}); names must be valid Unicode text"
+        ) from None
+
+
+def _as_float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(
+            f"metric {name!r} is too large for a float (about 1.8e308 at most); "
+            f"log float(value) or math.inf if that is what you mean"
+        ) from None
 
 
 class _TensorGroup(NamedTuple):
@@ -80,15 +126,17 @@ class _SinkState:
         self.dropped = 0
         self.reported = 0.0
         self.warned = False
+        self.warned_rows = False
         self.retry_at = 0.0
         self.base_backoff = max(interval, 0.05)
         self.backoff = self.base_backoff
 
     def deliver(
         self, rows: list[Row], forced: bool, max_rows: int, dropped: Row | None
-    ) -> str | None:
+    ) -> list[str]:
         """Write pending + ``rows`` (+ the ``dropped`` count row when it changed for this
-        sink; it is regenerated, never buffered); returns a warning on the first failure."""
+        sink; it is regenerated, never buffered); returns the warnings to show: the first
+        failure of the sink, the first rows it rejected."""
         if self.pending:
             self.pending.extend(rows)
             batch = self.pending
@@ -99,40 +147,82 @@ class _SinkState:
             if dropped_count == self.reported:
                 dropped = None
         if not batch and dropped is None and not forced:
-            return None
+            return []
         now = time.monotonic()
         if self.pending and not forced and now < self.retry_at:
             self._trim(max_rows)
-            return None
+            return []
+        to_write = batch + [dropped] if dropped is not None else batch
+        rejected: list[tuple[Row, BaseException]] = []
+        unwritten: list[Row] = []
+        error: Exception | None = None
         try:
             if not self.opened:
                 self.sink.open()
                 self.opened = True
-            if dropped is not None:
-                self.sink.write(batch + [dropped])
-            elif batch:
-                self.sink.write(batch)
-            if forced:
-                self.sink.flush()
         except Exception as exc:  # noqa: BLE001 - any sink failure is kept away from training
-            if batch is rows:
-                self.pending = list(rows)
+            error, unwritten = exc, to_write
+        if error is None and to_write:
+            rejected, unwritten, error = self._write(to_write)
+        if error is None and forced:
+            try:
+                self.sink.flush()
+            except Exception as exc:  # noqa: BLE001
+                bad = {id(row) for row, _ in rejected}
+                error, unwritten = exc, [r for r in to_write if id(r) not in bad]
+        messages = []
+        if rejected:
+            self.dropped += len(rejected)
+            if not self.warned_rows:
+                self.warned_rows = True
+                (step, name, value, _), exc = rejected[0]
+                messages.append(
+                    f"fastdiag.MetricsLogger: the {self.sink.name} sink rejected "
+                    f"{len(rejected)} row(s), first (step {step}, {name!r}, {value!r}): "
+                    f"{type(exc).__name__}: {exc}; the other rows are stored, rejected rows "
+                    f"are counted in {DROPPED_KEY!r}"
+                )
+        if error is not None:
+            self.pending = [r for r in unwritten if r is not dropped]
             self._trim(max_rows)
             self.retry_at = now + self.backoff
             self.backoff = min(self.backoff * 2.0, _MAX_BACKOFF)
             if not self.warned:
                 self.warned = True
-                return (
+                messages.append(
                     f"fastdiag.MetricsLogger: the {self.sink.name} sink failed "
-                    f"({type(exc).__name__}: {exc}); keeping up to {max_rows} rows in memory "
-                    f"and retrying; dropped rows are counted in {DROPPED_KEY!r}"
+                    f"({type(error).__name__}: {error}); keeping up to {max_rows} rows in "
+                    f"memory and retrying; dropped rows are counted in {DROPPED_KEY!r}"
                 )
-            return None
+            return messages
         self.pending = []
         self.backoff = self.base_backoff
         if dropped is not None:
             self.reported = dropped_count
-        return None
+        return messages
+
+    def _write(
+        self, rows: list[Row]
+    ) -> tuple[list[tuple[Row, BaseException]], list[Row], Exception | None]:
+        """Write ``rows``; on one of ``ROW_ERRORS`` write the halves, down to single rows.
+
+        Returns (rows rejected alone with their exception, rows not written, the failure that
+        stopped the writing or None)."""
+        rejected: list[tuple[Row, BaseException]] = []
+        todo = [rows]  # a stack: the last part is written next
+        while todo:
+            part = todo.pop()
+            try:
+                self.sink.write(part)
+            except ROW_ERRORS as exc:
+                if len(part) == 1:
+                    rejected.append((part[0], exc))
+                    continue
+                middle = len(part) // 2
+                todo += [part[middle:], part[:middle]]
+            except Exception as exc:  # noqa: BLE001 - the destination failed: retry it all
+                return rejected, part + [r for p in reversed(todo) for r in p], exc
+        return rejected, [], None
 
     def _trim(self, max_rows: int) -> None:
         excess = len(self.pending) - max_rows
@@ -145,8 +235,11 @@ class MetricsLogger:
     """Log ``{name: float | one-element tensor}`` per step without blocking the training loop.
 
     ``path``: the SQLite file (default sink; ``None`` for none). ``run``: the run's name
-    (default ``run-<date>-<time>``); logging to an existing run appends to it and re-logging
-    a (run, step, name) replaces the value. ``config``: a JSON-able dict stored with the run.
+    (default ``run-<date>-<time>-<host>-<pid>-<random>``, unique). A run name already in the
+    file raises ``ValueError`` unless ``resume=True``: the resumed run keeps its rows, start
+    time and config, appends new steps, and re-logging a (run, step, name) replaces the
+    value; a different new config is recorded under ``config["fastdiag/resumed_configs"]``.
+    ``config``: a JSON-able dict stored with the run.
     Optional sinks: ``jsonl=PATH`` (a summary line every ``jsonl_every`` steps),
     ``tensorboard=LOG_DIR``, ``wandb=True`` or a dict of ``wandb.init`` arguments, and any
     :class:`~fastdiag.store.Sink` in ``sinks``. With ``rank_zero_only`` (default) only
@@ -170,6 +263,7 @@ class MetricsLogger:
         flush_rows: int = 50_000,
         max_buffer_rows: int = 500_000,
         busy_timeout: float = 5.0,
+        resume: bool = False,
     ) -> None:
         if run is not None and (not isinstance(run, str) or not run):
             raise TypeError(f"run must be a non-empty str or None, got {run!r}")
@@ -185,7 +279,7 @@ class MetricsLogger:
         rank, world = _rank_and_world()
         self.rank = rank
         self.active = rank == 0 or not rank_zero_only
-        name = run or time.strftime("run-%Y%m%d-%H%M%S")
+        name = run or default_run_name()
         if not rank_zero_only and world > 1:
             name = f"{name}-rank{rank}"
         from fastdiag import __version__
@@ -206,6 +300,7 @@ class MetricsLogger:
         self._queue: deque[_QueuedLog] = deque()
         self._queued_rows = 0
         self._queue_dropped = 0
+        self._dropped_seen = 0  # self.dropped when the last flush() began
         self._ticket = 0
         self._ticket_done = 0
         self._closing = False
@@ -220,7 +315,7 @@ class MetricsLogger:
 
         chosen: list[Sink] = []
         if path is not None:
-            chosen.append(SQLiteSink(path, busy_timeout=busy_timeout))
+            chosen.append(SQLiteSink(path, busy_timeout=busy_timeout, resume=resume))
         if jsonl is not None:
             chosen.append(JSONLSink(jsonl, every=jsonl_every))
         if tensorboard is not None:
@@ -232,7 +327,10 @@ class MetricsLogger:
                 raise TypeError(f"sinks must hold Sink instances, got {type(sink).__name__}")
             chosen.append(sink)
         for sink in chosen:
-            sink.prepare(self.run_info)
+            if isinstance(sink, SQLiteSink):
+                sink.prepare(self.run_info, resume=resume or sink.resume)
+            else:
+                sink.prepare(self.run_info)
         self.sinks: tuple[Sink, ...] = tuple(chosen)
         self._states = [_SinkState(sink, self._interval) for sink in chosen]
         self._thread = threading.Thread(
@@ -248,7 +346,9 @@ class MetricsLogger:
         """Queue ``metrics`` (floats, ints, or one-element tensors on any device) at ``step``.
 
         Returns at once: no host sync, no I/O. Values are snapshotted now (CPU tensors are
-        copied, CUDA tensors copied asynchronously in stream order).
+        copied, CUDA tensors copied asynchronously in stream order). Raises ``ValueError`` /
+        ``TypeError`` (and queues nothing of the call) for a step outside int64, a name that
+        is not a ``str`` or cannot be UTF-8 encoded, a number too large for a float.
         """
         if not self.active:
             return
@@ -259,16 +359,22 @@ class MetricsLogger:
                 step = int(step)
             else:
                 raise TypeError(f"step must be an int, got {type(step).__name__}")
+        if not _INT64_MIN <= step <= _INT64_MAX:
+            raise ValueError(
+                f"step must fit in a signed 64-bit int (-2**63 to 2**63 - 1), got {step}"
+            )
         names: list[str] = []
         values: list[Any] = []
         groups: dict[tuple[torch.device, torch.dtype], tuple[list[str], list[torch.Tensor]]] = {}
         for name, value in metrics.items():
-            if type(name) is not str:
-                raise TypeError(f"metric names must be str, got {type(name).__name__}")
+            _check_name(name)
             cls = type(value)
-            if cls is float or cls is int:
+            if cls is float:
                 names.append(name)
                 values.append(value)
+            elif cls is int:
+                names.append(name)
+                values.append(_as_float(name, value))
             elif isinstance(value, torch.Tensor):
                 if value.numel() != 1:
                     raise ValueError(
@@ -283,7 +389,7 @@ class MetricsLogger:
                 tensors.append(value)
             elif isinstance(value, numbers.Real):
                 names.append(name)
-                values.append(float(value))
+                values.append(_as_float(name, value))
             else:
                 raise TypeError(
                     f"metric {name!r} must be a float, an int or a one-element tensor, "
@@ -326,7 +432,8 @@ class MetricsLogger:
                 self._cv.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Write everything logged so far to every sink; True when every sink stored it all.
+        """Write everything logged so far to every sink; True when every sink stored it all
+        and no row was dropped since the previous ``flush``.
 
         Blocks until the writer has tried (or ``timeout`` seconds passed). A failing sink
         keeps its rows buffered and makes this return False; it never raises.
@@ -339,6 +446,7 @@ class MetricsLogger:
                 return not any(s.pending for s in self._states)
             self._ticket += 1
             ticket = self._ticket
+            dropped_before = self._dropped_seen
             self._cv.notify_all()
             while self._ticket_done < ticket and self._thread.is_alive():
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -346,8 +454,10 @@ class MetricsLogger:
                     break
                 self._cv.wait(0.1 if remaining is None else min(remaining, 0.1))
             done = self._ticket_done >= ticket
+            dropped_now = self.dropped
+            self._dropped_seen = dropped_now
         self._emit_warnings()
-        return done and not any(s.pending for s in self._states)
+        return done and not any(s.pending for s in self._states) and dropped_now == dropped_before
 
     def close(self, timeout: float | None = None) -> None:
         """Flush, stop the writer thread and close the sinks (idempotent; also run at exit)."""
@@ -417,8 +527,16 @@ class MetricsLogger:
                 forced = closing or ticket > self._ticket_done
             try:
                 rows = self._resolve(queued)
-                self._deliver(rows, forced)
             except Exception as exc:  # noqa: BLE001 - the writer must survive anything
+                rows = []
+                with self._cv:  # nothing silently lost: the rows of this flush are counted
+                    self._queue_dropped += sum(item.count for item in queued)
+                    self._warnings.append(
+                        f"fastdiag.MetricsLogger: writer error ({type(exc).__name__}: {exc})"
+                    )
+            try:
+                self._deliver(rows, forced)
+            except Exception as exc:  # noqa: BLE001
                 with self._cv:
                     self._warnings.append(
                         f"fastdiag.MetricsLogger: writer error ({type(exc).__name__}: {exc})"
@@ -442,8 +560,8 @@ class MetricsLogger:
         rows: list[Row] = []
         for item in queued:
             step, wall = item.step, item.wall_time
-            if item.names:
-                rows.extend(zip(repeat(step), item.names, map(float, item.values), repeat(wall)))
+            if item.names:  # log() made every value a float already
+                rows.extend(zip(repeat(step), item.names, item.values, repeat(wall)))
             for group in item.tensor_groups:
                 try:
                     if group.event is not None:
@@ -463,15 +581,20 @@ class MetricsLogger:
         return rows
 
     def _deliver(self, rows: list[Row], forced: bool) -> None:
-        dropped = self.dropped
-        dropped_row = None
-        if dropped and self._last_step is not None:
-            dropped_row = (self._last_step, DROPPED_KEY, float(dropped), time.time())
-        for state in self._states:
-            message = state.deliver(rows, forced, self._max_rows, dropped_row)
-            if message is not None:
-                with self._cv:
-                    self._warnings.append(message)
+        for attempt in range(2):  # once more when rows were dropped, to report the new count
+            dropped = self.dropped
+            dropped_row = None
+            if dropped and self._last_step is not None:
+                dropped_row = (self._last_step, DROPPED_KEY, float(dropped), time.time())
+            for state in self._states:
+                messages = state.deliver(
+                    rows if attempt == 0 else [], forced, self._max_rows, dropped_row
+                )
+                if messages:
+                    with self._cv:
+                        self._warnings.extend(messages)
+            if self.dropped == dropped:
+                break
 
 
 def _close_at_exit(ref: weakref.ref[MetricsLogger]) -> None:

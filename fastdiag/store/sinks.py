@@ -4,7 +4,8 @@ A sink receives rows ``(step, name, value, wall_time)`` (``value`` a Python floa
 inf included) from the logger's background writer thread. :meth:`Sink.prepare` runs once in
 the thread that builds the logger (validate, create files, start a service); ``open``,
 ``write``, ``flush`` and ``close`` run in the writer thread. ``write`` may raise: the logger
-keeps the rows (bounded), warns once and retries them later.
+keeps the rows (bounded), warns once and retries them later; when the exception is one of
+:data:`ROW_ERRORS` it isolates the rejected rows instead and drops (and counts) only those.
 """
 
 from __future__ import annotations
@@ -16,9 +17,31 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastdiag.store.database import INSERT_METRIC, RunInfo, connect, create_schema, encode_value
+from fastdiag.store.database import (
+    INSERT_METRIC,
+    RESUMED_CONFIGS_KEY,
+    RunInfo,
+    check_schema,
+    connect,
+    create_schema,
+    encode_value,
+)
 
 Row = tuple[int, str, float, float]  # (step, name, value, wall_time)
+
+ROW_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    OverflowError,
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+)
+"""Exceptions from :meth:`Sink.write` that blame the rows, not the destination: the logger
+then writes the batch in halves until it has isolated the rows the sink rejects, drops only
+those (counted in ``health/logger_dropped``) and stores the rest. Any other exception (an
+``OSError``, a locked or full database) keeps the whole batch buffered for a retry."""
 
 
 class Sink:
@@ -33,7 +56,8 @@ class Sink:
         """Called once in the writer thread before the first ``write``."""
 
     def write(self, rows: Sequence[Row]) -> None:
-        """Store ``rows`` (one flush worth); raise on failure, the rows will be retried."""
+        """Store ``rows`` (one flush worth); raise on failure, the rows will be retried (or,
+        for one of :data:`ROW_ERRORS`, bisected down to the rejected rows)."""
         raise NotImplementedError
 
     def flush(self) -> None:
@@ -50,6 +74,8 @@ class SQLiteSink(Sink):
     connection before it fails (and is retried later). ``synchronous`` is the SQLite PRAGMA:
     ``NORMAL`` (default) survives a killed process, ``FULL`` also a power loss.
     ``pragmas`` sets further per-connection PRAGMAs (e.g. ``{"cache_size": -8000}``).
+    ``resume``: whether :meth:`prepare` may continue a run already in the file (else it raises
+    ``ValueError``); :class:`~fastdiag.MetricsLogger` passes its own ``resume``.
     """
 
     name = "sqlite"
@@ -61,6 +87,7 @@ class SQLiteSink(Sink):
         busy_timeout: float = 5.0,
         synchronous: str = "NORMAL",
         pragmas: Mapping[str, str | int] | None = None,
+        resume: bool = False,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(
@@ -72,6 +99,7 @@ class SQLiteSink(Sink):
         self.busy_timeout = float(busy_timeout)
         self.synchronous = synchronous.upper()
         self.pragmas = dict(pragmas or {})
+        self.resume = bool(resume)
         for key in self.pragmas:
             if not key.replace("_", "").isalnum():
                 raise ValueError(f"pragmas keys must be PRAGMA names, got {key!r}")
@@ -89,34 +117,67 @@ class SQLiteSink(Sink):
             raise
         return conn
 
-    def prepare(self, run: RunInfo) -> None:
-        """Create the file, the schema and the run's row (keeps the start of a resumed run)."""
+    def prepare(self, run: RunInfo, *, resume: bool | None = None) -> None:
+        """Create the file, the schema and the run's row; ``ValueError`` naming the file when
+        it cannot be opened, its tables have another schema, or the run exists and neither
+        ``resume`` nor ``self.resume`` is set.
+
+        Resuming keeps the run's start time, its rows and its config; a new config that
+        differs is appended to ``config["fastdiag/resumed_configs"]`` (with its start time and
+        host), never merged over the original.
+        """
+        resume = self.resume if resume is None else bool(resume)
         self._run = run.name
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()
+        where = str(self.path)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot create the directory of the metrics database {where!r}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            raise ValueError(f"cannot open the metrics database {where!r}: {exc}") from exc
+        try:
+            check_schema(conn, self.path)
             create_schema(conn)
-            conn.execute(
-                "INSERT INTO runs (name, config, start_time, host, fastdiag_version, torch_version)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
-                " config = COALESCE(excluded.config, runs.config),"
-                " fastdiag_version = excluded.fastdiag_version,"
-                " torch_version = excluded.torch_version",
-                (
-                    run.name,
-                    json.dumps(run.config, default=str, sort_keys=True) if run.config else None,
-                    run.start_time,
-                    run.host,
-                    run.fastdiag_version,
-                    run.torch_version,
-                ),
-            )
+            conn.execute("BEGIN IMMEDIATE")  # the existence check and the insert are atomic
+            found = conn.execute("SELECT config FROM runs WHERE name = ?", (run.name,)).fetchone()
+            if found is not None and not resume:
+                raise ValueError(
+                    f"run {run.name!r} already exists in {where!r}: pass resume=True to "
+                    f"continue it, or choose another run name (run=None gives a unique one)"
+                )
+            if found is None:
+                conn.execute(
+                    "INSERT INTO runs (name, config, start_time, host, fastdiag_version, "
+                    "torch_version) VALUES (?, ?, ?, ?, ?, ?)",
+                    (run.name, _config_json(run.config) if run.config else None, run.start_time,
+                     run.host, run.fastdiag_version, run.torch_version),
+                )  # fmt: skip
+            else:
+                conn.execute(
+                    "UPDATE runs SET config = ?, fastdiag_version = ?, torch_version = ? "
+                    "WHERE name = ?",
+                    (_resumed_config(found[0], run), run.fastdiag_version, run.torch_version,
+                     run.name),
+                )  # fmt: skip
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise ValueError(f"cannot prepare the metrics database {where!r}: {exc}") from exc
         finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             conn.close()
 
     def write(self, rows: Sequence[Row]) -> None:
         if self._conn is None:
-            conn = self._connect()
+            try:
+                conn = self._connect()
+            except ValueError as exc:  # the file is gone or unopenable: retry, never blame rows
+                raise sqlite3.OperationalError(str(exc)) from exc
             try:
                 create_schema(conn)  # idempotent: covers a file removed or replaced mid-run
             except BaseException:
@@ -133,20 +194,45 @@ class SQLiteSink(Sink):
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(INSERT_METRIC, params)
             conn.execute("COMMIT")
-        except BaseException:
-            # a broken connection is reopened on the next attempt
+        except BaseException as exc:
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            conn.close()
-            self._conn = None
+            if not isinstance(exc, ROW_ERRORS):  # a broken connection is reopened next time
+                conn.close()
+                self._conn = None
             raise
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _config_json(config: Mapping[str, Any]) -> str:
+    return json.dumps(config, default=str, sort_keys=True)
+
+
+def _resumed_config(stored: str | None, run: RunInfo) -> str | None:
+    """The config of a resumed run: the stored one, plus the new one when it differs."""
+    if not run.config:
+        return stored
+    if not stored:
+        return _config_json(run.config)
+    try:
+        old = json.loads(stored)
+    except json.JSONDecodeError:
+        old = {"_raw": stored}
+    if not isinstance(old, dict):
+        old = {"_raw": old}
+    new = json.loads(_config_json(run.config))
+    original = {k: v for k, v in old.items() if k != RESUMED_CONFIGS_KEY}
+    if new == original:
+        return stored
+    entry = {"start_time": run.start_time, "host": run.host, "config": new}
+    old[RESUMED_CONFIGS_KEY] = [*old.get(RESUMED_CONFIGS_KEY, []), entry]
+    return _config_json(old)
 
 
 class JSONLSink(Sink):
