@@ -1,4 +1,4 @@
-"""``fastdiag.SetDiagnostics`` against ``fastdiag.reference.SetDiagnostics``, plus its ops.
+"""``fastdiag.SetDiagnostics`` against ``fastdiag.reference.ReferenceSetDiagnostics``, plus its ops.
 
 Parity: every key, several epochs of several updates, on every available backend, float32
 rel 1e-4 / abs 1e-6. The usage and active-set Jaccard ops are checked against plain Python
@@ -208,7 +208,7 @@ def _model_batches(epochs=3, updates=3, b=2, n=8, s=5, d=8, vocab=12, seed=0):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_parity_with_model(backend, name):
     backend(name)
-    results = _run_pair(reference.SetDiagnostics(), SetDiagnostics(), _model_batches(epochs=epochs_for(name)))
+    results = _run_pair(reference.ReferenceSetDiagnostics(), SetDiagnostics(), _model_batches(epochs=epochs_for(name)))
     for expected, got in results:
         assert_stats_close(expected, got)
         assert got[NONFINITE] == 0
@@ -250,7 +250,7 @@ def _random_batches(seed=1, epochs=3, updates=4, b=3, n=6, s=7, d=5, vocab=9):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_parity_random_inputs_with_missing_inputs(backend, name):
     backend(name)
-    for expected, got in _run_pair(reference.SetDiagnostics(), SetDiagnostics(), _random_batches(epochs=epochs_for(name))):
+    for expected, got in _run_pair(reference.ReferenceSetDiagnostics(), SetDiagnostics(), _random_batches(epochs=epochs_for(name))):
         assert_stats_close(expected, got)
 
 
@@ -260,7 +260,7 @@ def test_epoch_without_an_input_drops_its_keys():
     idx = torch.randint(0, 4, (2, 5), generator=gen)
     probs = torch.randn(2, 5, 4, generator=gen).softmax(-1)
     batches = [[(dict(bank_indices=idx, num_sets=4, router_probs=probs), 0)], [(dict(bank_indices=idx, num_sets=4), 1)]]
-    (e1, g1), (e2, g2) = _run_pair(reference.SetDiagnostics(), SetDiagnostics(), batches)
+    (e1, g1), (e2, g2) = _run_pair(reference.ReferenceSetDiagnostics(), SetDiagnostics(), batches)
     assert_stats_close(e1, g1, extra=(NONFINITE,))
     assert_stats_close(e2, g2, extra=())
     assert "ausa/router_confidence_mean" in g1 and "ausa/router_confidence_mean" not in g2
@@ -268,7 +268,7 @@ def test_epoch_without_an_input_drops_its_keys():
 
 
 def test_update_two_argument_form():
-    ref, fd = reference.SetDiagnostics(), SetDiagnostics()
+    ref, fd = reference.ReferenceSetDiagnostics(), SetDiagnostics()
     gen = torch.Generator().manual_seed(4)
     for _ in range(3):
         idx = torch.randint(-1, 6, (4, 9), generator=gen)
@@ -278,7 +278,7 @@ def test_update_two_argument_form():
 
 
 def test_all_padding_update_is_undefined_not_zero():
-    ref, fd = reference.SetDiagnostics(), SetDiagnostics()
+    ref, fd = reference.ReferenceSetDiagnostics(), SetDiagnostics()
     for idx in (torch.full((2, 3), -1), torch.tensor([[0, 1, 1], [2, -1, 0]])):
         ref.update(idx, 3)
         fd.update(idx, 3)
@@ -301,7 +301,7 @@ def test_deviation_from_seed_count_mode():
     """
     gen = torch.Generator().manual_seed(5)
     s = 6
-    seed_ref = reference.SetDiagnostics(count_mode="seed")
+    seed_ref = reference.ReferenceSetDiagnostics(count_mode="seed")
     fd = SetDiagnostics()
     provided_probs, provided_emb, total = 0, 0, 5
     for u in range(total):
@@ -463,7 +463,7 @@ def test_nonfinite_rows_counted_and_excluded(backend, name):
     keep_a = torch.ones(b * n, dtype=torch.bool)
     keep_a[1 * n + 4] = False
     emb_rows = emb.reshape(b * s, d)
-    ref = reference.SetDiagnostics()
+    ref = reference.ReferenceSetDiagnostics()
     ref.update_with_router_state(
         probs.argmax(-1), s,
         router_probs=probs.reshape(b * n, s)[keep][None],
@@ -484,7 +484,7 @@ def test_token_table_exact_below_capacity_and_grows_above():
     gen = torch.Generator().manual_seed(9)
     s = 3
     fd = SetDiagnostics(vocab_size=8)
-    ref = reference.SetDiagnostics()
+    ref = reference.ReferenceSetDiagnostics()
     for _ in range(3):
         idx = torch.randint(0, s, (2, 6), generator=gen)
         tok = torch.randint(0, 8, (2, 6), generator=gen)

@@ -11,6 +11,7 @@ updates that provided its input, not by the total number of updates.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -26,11 +27,12 @@ from fastdiag.diagnostics._base import (
     check_cosine_samples,
     check_float,
     check_tensor,
-    effective_rank_mean,
     raise_flags,
 )
 from fastdiag.diagnostics.base import Diagnostics
 from fastdiag.ops import summaries
+from fastdiag.ops.embedding import EMBEDDING_FIELDS, embedding_raw
+from fastdiag.ops.spectral import NUM_STATS, spectral_raw
 from fastdiag.ops.summaries import DIST, USAGE
 from fastdiag.ops.token_table import TokenTable
 from fastdiag.schema import COSINE_SAMPLES, DEFAULT_TOKEN_CAPACITY, NONFINITE_ROWS, SET_DELTAS
@@ -88,9 +90,47 @@ def _split_pairs(pairs: tuple[tuple[str, int], ...]) -> tuple[tuple[str, ...], t
     return tuple(k for k, _ in pairs), tuple(i for _, i in pairs)
 
 
-_USAGE_SPLIT = _split_pairs(_USAGE)
-_ROUTER_SPLIT = _split_pairs(_ROUTER)
-_SET_ATTENTION_SPLIT = _split_pairs(_SET_ATTENTION)
+# each part of an update: (its value vector's length, (key, position) pairs, position of its
+# non-finite row count or None); "embeddings" is the embedding_raw vector then the spectral one
+_PARTS: dict[str, tuple[int, tuple[tuple[str, int], ...], int | None]] = {
+    "usage": (len(USAGE), _USAGE, None),
+    "router": (len(DIST), _ROUTER, _NF),
+    "tokens": (len(_TOKEN_KEYS), tuple((k, i) for i, k in enumerate(_TOKEN_KEYS)), None),
+    "embeddings": (
+        len(EMBEDDING_FIELDS) + NUM_STATS,
+        (
+            *((k, EMBEDDING_FIELDS.index(f)) for k, f in zip(
+                _EMBEDDING_KEYS[:4], ("variance", "norm_mean", "cosine_mean", "cosine_max"), strict=True
+            )),
+            (_EMBEDDING_KEYS[4], len(EMBEDDING_FIELDS)),  # the spectral vector's effective rank
+        ),
+        EMBEDDING_FIELDS.index("nonfinite_rows"),
+    ),
+    "set_attention": (len(DIST), _SET_ATTENTION, _NF),
+    "params": (len(_PARAM_KEYS), tuple((k, i) for i, k in enumerate(_PARAM_KEYS)), None),
+}
+
+
+@functools.cache
+def _layout(kinds: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]:
+    """(names, their positions in the concatenated part vectors, the positions of the non-finite
+    row counts) for the parts ``kinds``, in that order. With one non-finite count, it is one of
+    the names; with several, the caller sums them."""
+    names: list[str] = []
+    positions: list[int] = []
+    nonfinite: list[int] = []
+    offset = 0
+    for kind in kinds:
+        length, pairs, nf = _PARTS[kind]
+        names.extend(k for k, _ in pairs)
+        positions.extend(offset + i for _, i in pairs)
+        if nf is not None:
+            nonfinite.append(offset + nf)
+        offset += length
+    if len(nonfinite) == 1:
+        names.append(NONFINITE_ROWS)
+        positions.append(nonfinite[0])
+    return tuple(names), tuple(positions), tuple(nonfinite)
 
 
 class SetDiagnostics(Diagnostics):
@@ -117,6 +157,7 @@ class SetDiagnostics(Diagnostics):
         self.add_state("_prev_active", None)
         self.add_state("_token_updates", 0)  # updates with token_ids since reset()
         self.add_state("_token_grown", False)  # the token table grew for this epoch's overflow
+        self._nonfinite_index: dict[tuple[Any, ...], Tensor] = {}  # cached index tensors
 
     def metric_keys(self) -> tuple[str, ...]:
         return (*schema.SET_DIAGNOSTICS, NONFINITE_ROWS)
@@ -164,55 +205,58 @@ class SetDiagnostics(Diagnostics):
         if router_params is not None:
             self._params.check(router_params)
         s_count = int(num_sets)
+        # every part's value vector, concatenated once and accumulated with one op (the layout
+        # of the concatenation, cached per combination of inputs, says which key takes which entry)
+        parts: list[Tensor] = []
+        kinds: list[str] = []
         values, self._prev_active = summaries.usage_summary(bank_indices, s_count, self._prev_active)
-        self._add(_USAGE_SPLIT[0], values, _USAGE_SPLIT[1])
+        parts.append(values)
+        kinds.append("usage")
 
-        nonfinite: list[Tensor] = []
         top1 = None
         if probs is not None:
             st = ops.dist_stats(
                 probs, from_logits=router_logits is not None, topk=1 if token_ids is not None else 0
             )
-            values, _ = summaries.dist_summary(st, s_count)
-            nonfinite.append(values)
-            self._add(_ROUTER_SPLIT[0], values, _ROUTER_SPLIT[1])
-            if token_ids is not None:
-                top1 = st.topk[..., 0]
+            parts.append(summaries.dist_summary(st, s_count)[0])
+            kinds.append("router")
+            top1 = st.topk  # [B, N, 1]: the token table reads the first choice
         if token_ids is not None:
             if top1 is None:
-                top1 = bank_indices[..., 0] if bank_indices.dim() == 3 else bank_indices
-            before = self._tokens.max_id
-            value, overflow = self._tokens.update(token_ids, top1)
-            # telescoping t*M_t - (t-1)*M_{t-1}: the epoch mean of these is M_n, the running
-            # max id, which get_epoch_stats then reads in its one host copy (to grow the table)
-            t = self._token_updates = self._token_updates + 1
-            after = self._tokens.max_id.to(torch.float64)
-            running = t * after - (t - 1) * (after if before is None else before.to(torch.float64))
-            self._add(_TOKEN_KEYS, torch.stack([value, overflow, running]))
+                top1 = bank_indices  # [B, N] or [B, N, k]: the first choice
+            # t-th update with token_ids: the table's running-max term telescopes so that the
+            # epoch mean of the terms is the running max id, which get_epoch_stats then reads in
+            # its one host copy (to grow the table)
+            self._token_updates += 1
+            parts.append(self._tokens.update_values(token_ids, top1, self._token_updates))
+            kinds.append("tokens")
 
         if set_embeddings is not None:
-            emb = ops.embedding_stats(set_embeddings, self.cosine_samples, generator)
-            rank = effective_rank_mean(emb.finite_rows.view(set_embeddings.shape))
-            values = torch.stack(
-                [emb.variance, emb.norm_mean, emb.cosine_mean, emb.cosine_max, rank,
-                 torch.as_tensor(emb.nonfinite_rows, dtype=torch.float64)]
-            )
-            nonfinite.append(values[5:6])
-            self._add(_EMBEDDING_KEYS, values[:5])
+            values, clean = embedding_raw(set_embeddings, self.cosine_samples, generator)
+            parts.append(values)
+            # mean over the B matrices of every spectral statistic: entry 0 = the effective rank
+            parts.append(spectral_raw(clean)[0].mean(0))
+            kinds.append("embeddings")
 
         if set_attention_weights is not None:
-            values, _ = summaries.dist_summary(ops.dist_stats(set_attention_weights), set_attention_weights.shape[-1])
-            nonfinite.append(values)
-            self._add(_SET_ATTENTION_SPLIT[0], values, _SET_ATTENTION_SPLIT[1])
+            parts.append(
+                summaries.dist_summary(ops.dist_stats(set_attention_weights), set_attention_weights.shape[-1])[0]
+            )
+            kinds.append("set_attention")
 
         if router_params is not None:
-            self._add(_PARAM_KEYS, self._params.update_values(router_params))
+            parts.append(self._params.update_values(router_params))
+            kinds.append("params")
 
-        if len(nonfinite) == 1 and nonfinite[0].numel() == len(DIST):
-            self._add((NONFINITE_ROWS,), nonfinite[0], (_NF,))
-        elif nonfinite:
-            parts = [v[_NF : _NF + 1] if v.numel() == len(DIST) else v for v in nonfinite]
-            self._add((NONFINITE_ROWS,), torch.cat(parts).sum(0, keepdim=True))
+        names, positions, nonfinite = _layout(tuple(kinds))
+        values = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if len(nonfinite) > 1:  # the non-finite rows of several inputs: their sum
+            index = self._nonfinite_index.get((nonfinite, values.device))
+            if index is None:
+                index = torch.tensor(nonfinite, dtype=torch.long, device=values.device)
+                self._nonfinite_index[(nonfinite, values.device)] = index
+            self._add((NONFINITE_ROWS,), values[index].sum(0, keepdim=True))
+        self._add(names, values, positions)
 
     def _validate(
         self,

@@ -17,8 +17,17 @@ cosine similarity; a row holding a NaN / inf is *non-finite* and excluded from e
                      same data (e.g. :func:`fastdiag.ops.effective_rank`)
 
 All float64 0-d tensors on ``x``'s device (``finite_rows``: ``x``'s dtype, float32 for half
-inputs); no host synchronisation. Four cheap passes over the rows: the row norms, the zeroing,
-the column sums, the squares.
+inputs); no host synchronisation. :func:`embedding_raw` gives the same values as one float64
+[5] vector (``EMBEDDING_FIELDS`` order) and the zeroed rows in ``x``'s shape, for callers that
+accumulate the vector as is.
+
+Backends (``backends.register("embedding_stats", ...)``): ``cpu``, the C++ op
+``fastdiag::embedding_stats`` (``csrc/embedding.cpp``: one pass over the rows for finiteness,
+norms, the zeroed copy and the column sums, one for the centred squares, then the drawn rows'
+Gram matrix; float64 accumulation in a fixed order); ``torch``, :func:`embedding_torch` (any
+device, no compiler), the executable specification. The draw itself is always torch's
+``torch.randperm(M, generator=generator)`` (on the generator's device), so the rows drawn are
+the original classes' rows whatever the backend.
 """
 
 from __future__ import annotations
@@ -29,9 +38,78 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastdiag.ops.cosine import check_sample, cosine_stats, sample_rows
+from fastdiag import _extension, backends
+from fastdiag.ops.cosine import check_sample, cosine_stats
 
-__all__ = ["EmbeddingStats", "embedding_stats"]
+__all__ = ["EMBEDDING_FIELDS", "EmbeddingStats", "embedding_raw", "embedding_stats", "embedding_torch"]
+
+EMBEDDING_FIELDS = ("variance", "norm_mean", "cosine_mean", "cosine_max", "nonfinite_rows")
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _fake(x: Tensor, perm: Tensor | None, sample: int) -> tuple[Tensor, Tensor]:
+    return x.new_empty((len(EMBEDDING_FIELDS),), dtype=torch.float64), x.new_empty(
+        x.shape, dtype=_out_dtype(x.dtype)
+    )
+
+
+_extension.register_fake("embedding_stats", _fake)
+
+
+def embedding_torch(x: Tensor, perm: Tensor | None, sample: int) -> tuple[Tensor, Tensor]:
+    """The torch implementation: ``(values float64 [5], finite_rows)`` of ``x`` [..., D].
+
+    ``perm``: None for the cosine values over every row, else a permutation of the M rows whose
+    first ``min(sample, M)`` entries are the drawn rows.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.dtype in (torch.float16, torch.bfloat16):
+        rows = rows.float()
+    m = rows.shape[0]
+    device = rows.device
+    nan = torch.full((), math.nan, dtype=torch.float64, device=device)
+    norms = torch.linalg.vector_norm(rows, dim=1)  # NaN / inf exactly for the non-finite rows
+    valid = torch.isfinite(norms)
+    n = valid.sum().to(torch.float64)
+    clean = torch.where(valid[:, None], rows, torch.zeros((), dtype=rows.dtype, device=device))
+    # two passes over all M rows (zeroed ones included): c = column mean, q = sum (x - c)^2;
+    # the n finite rows have mean mu = M c / n and
+    # sum_finite (x - mu)^2 = q - (M - n) c^2 - n (mu - c)^2   (= q when every row is finite)
+    c = clean.sum(0) / max(m, 1)
+    q = (clean - c).square().sum(0).to(torch.float64)
+    c = c.to(torch.float64)
+    mu = m * c / n
+    variance = ((q - (m - n) * c.square() - n * (mu - c).square()) / (n - 1)).mean()
+    norm_mean = torch.where(valid, norms, torch.zeros_like(norms)).to(torch.float64).sum() / n
+    variance = torch.where(n > 1, variance, nan)
+    cosine_mean = cosine_max = nan
+    if m >= 2:
+        if perm is None:
+            drawn, k, v = clean, m, n
+        else:
+            idx = perm[: min(sample, m)].to(device, non_blocking=True)
+            drawn, k, v = clean[idx], idx.numel(), valid[idx].sum().to(torch.float64)
+        cos = cosine_stats(drawn)
+        # zeroed rows have cosine 0 with every row: rescale the mean to the pairs of finite rows
+        pairs = v * (v - 1)
+        cosine_mean = torch.where(pairs > 0, cos.mean.to(torch.float64) * (k * (k - 1)) / pairs, nan)
+        cosine_max = torch.where(pairs > 0, cos.max.to(torch.float64), nan)
+    values = torch.stack([variance, norm_mean, cosine_mean, cosine_max, m - n])
+    return values, clean.view(x.shape)
+
+
+backends.register(
+    "embedding_stats",
+    {
+        "cpu": backends.Impl(
+            lambda: _extension.op("embedding_stats"), devices=("cpu",), kernel="embedding_stats"
+        ),
+        "torch": backends.Impl(lambda: embedding_torch),
+    },
+)
 
 
 class EmbeddingStats(NamedTuple):
@@ -53,6 +131,16 @@ def embedding_stats(
     ``sample``: rows drawn for the cosine values (an int >= 2; the original classes' 100 by default), or
     None for every row. ``generator``: the draw's generator (the CPU default one when None).
     """
+    values, clean = embedding_raw(x, sample, generator)
+    v = values.unbind()
+    return EmbeddingStats(v[0], v[1], v[2], v[3], v[4], clean.view(-1, x.shape[-1]))
+
+
+def embedding_raw(
+    x: Tensor, sample: int | None = 100, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(values float64 [5] in EMBEDDING_FIELDS order, finite_rows of x's shape)``: the values
+    of :func:`embedding_stats` as one vector, the zeroed rows not flattened."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [..., D], got {type(x).__name__}")
     if x.dim() < 1 or not x.dtype.is_floating_point:
@@ -60,37 +148,18 @@ def embedding_stats(
             f"x must be a floating-point tensor of shape [..., D], got {x.dtype} with shape "
             f"{tuple(x.shape)}"
         )
+    if x.shape[-1] == 0:
+        raise ValueError(f"x needs at least one column, got shape {tuple(x.shape)}")
     check_sample(sample)
-    rows = x.detach().reshape(-1, x.shape[-1])
-    if rows.dtype in (torch.float16, torch.bfloat16):
-        rows = rows.float()
-    m = rows.shape[0]
-    device = rows.device
-    nan = torch.full((), math.nan, dtype=torch.float64, device=device)
-    norms = torch.linalg.vector_norm(rows, dim=1)  # NaN / inf exactly for the non-finite rows
-    valid = torch.isfinite(norms)
-    n = valid.sum().to(torch.float64)
-    clean = torch.where(valid[:, None], rows, torch.zeros((), dtype=rows.dtype, device=device))
-    # two passes over all M rows (zeroed ones included): c = column mean, q = sum (x - c)^2;
-    # the n finite rows have mean mu = M c / n and
-    # sum_finite (x - mu)^2 = q - (M - n) c^2 - n (mu - c)^2   (= q when every row is finite)
-    c = clean.sum(0) / max(m, 1)
-    q = (clean - c).square().sum(0).to(torch.float64)
-    c = c.to(torch.float64)
-    mu = m * c / n
-    variance = ((q - (m - n) * c.square() - n * (mu - c).square()) / (n - 1)).mean()
-    norm_mean = torch.where(valid, norms, torch.zeros_like(norms)).to(torch.float64).sum() / n
-    variance = torch.where(n > 1, variance, nan)
-    if m < 2:
-        return EmbeddingStats(variance, norm_mean, nan, nan, m - n, clean)
-    if sample is None:
-        drawn, k, v = clean, m, n
-    else:
-        idx = sample_rows(m, sample, generator).to(device, non_blocking=True)
-        drawn, k, v = clean[idx], idx.numel(), valid[idx].sum().to(torch.float64)
-    cos = cosine_stats(drawn)
-    # zeroed rows have cosine 0 with every row: rescale the mean to the pairs of finite rows
-    pairs = v * (v - 1)
-    cosine_mean = torch.where(pairs > 0, cos.mean.to(torch.float64) * (k * (k - 1)) / pairs, nan)
-    cosine_max = torch.where(pairs > 0, cos.max.to(torch.float64), nan)
-    return EmbeddingStats(variance, norm_mean, cosine_mean, cosine_max, m - n, clean)
+    if x.requires_grad:
+        x = x.detach()
+    m = x.numel() // x.shape[-1]
+    perm = None
+    if sample is not None and m >= 2:
+        # the original classes' draw, torch.randperm(M, generator)[:sample] on the generator's
+        # device (the C++ op and the torch code take the first min(sample, M) entries)
+        device = generator.device if generator is not None else torch.device("cpu")
+        perm = torch.randperm(m, generator=generator, device=device)
+        if perm.device != x.device:
+            perm = perm.to(x.device, non_blocking=True)
+    return backends.implementation("embedding_stats", x.device, x.dtype)(x, perm, sample or 0)

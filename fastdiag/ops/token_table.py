@@ -3,6 +3,11 @@
 Backs ``ausa/routing_consistency`` (docs/metrics.md §1): the share of the tokens of an update,
 seen before, that are routed to the same set as at their previous occurrence. Every operation
 stays on the device (no host synchronisation, no data-dependent shape).
+
+Backends (``backends.register("token_table_update", ...)``): ``cpu``, the C++ op
+``fastdiag::token_table_update_`` (``csrc/token_table.cpp``: one sequential pass over the batch
+in flat order, in place on the table); ``torch``, :func:`token_table_update_torch` (any device,
+no compiler), the executable specification. Both return the same values and leave the same table.
 """
 
 from __future__ import annotations
@@ -13,7 +18,64 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TokenTable"]
+from fastdiag import _extension, backends
+
+__all__ = ["TokenTable", "token_table_update_torch"]
+
+
+def _fake(keys: Tensor, vals: Tensor, max_id: Tensor, ids: Tensor, sets: Tensor, step: int) -> Tensor:
+    return keys.new_empty((3,), dtype=torch.float64)
+
+
+_extension.register_fake("token_table_update_", _fake)
+
+
+def token_table_update_torch(
+    keys: Tensor, vals: Tensor, max_id: Tensor, ids: Tensor, sets: Tensor, step: int, last: Tensor | None = None
+) -> Tensor:
+    """The torch implementation of the table update (see :meth:`TokenTable.update_values`), in
+    place on ``keys`` / ``vals`` / ``max_id``. ``last``: int64 [capacity + 1] scratch, all -1
+    (left so); allocated when None."""
+    ids = ids.reshape(-1).long()
+    if sets.numel() != ids.numel():  # ids' shape + [k]: the first of the k choices
+        sets = sets[..., 0]
+    sets = sets.reshape(-1).long()
+    device = ids.device
+    cap = keys.numel() - 1
+    if last is None:
+        last = torch.full((cap + 1,), -1, dtype=torch.int64, device=device)
+    before = max_id.to(torch.float64)
+    valid = (ids >= 0) & (sets >= 0)
+    slot = torch.where(valid, torch.remainder(ids, cap), cap)
+    seen = valid & (keys[slot] == ids)
+    same = seen & (vals[slot] == sets)
+    value = same.sum().to(torch.float64) / seen.sum().to(torch.float64)
+    # one writer per slot, the last position in flat order (a scatter-max: writes never race)
+    pos = torch.arange(ids.numel(), device=device)
+    last.scatter_reduce_(0, slot, pos, reduce="amax")
+    writer = valid & (last[slot] == pos)
+    last.index_fill_(0, slot, -1)  # back to all -1 for the next call
+    wslot = torch.where(writer, slot, cap)  # non-writers go to the sink slot
+    keys.scatter_(0, wslot, ids)
+    vals.scatter_(0, wslot, sets)
+    masked_ids = torch.where(valid, ids, -1)
+    if ids.numel():
+        torch.maximum(max_id, masked_ids.amax(), out=max_id)
+    overflow = (masked_ids >= cap).sum().to(torch.float64)
+    after = max_id.to(torch.float64)
+    running = step * after - (step - 1) * before
+    return torch.stack([value, overflow, running])
+
+
+backends.register(
+    "token_table_update",
+    {
+        "cpu": backends.Impl(
+            lambda: _extension.op("token_table_update_"), devices=("cpu",), kernel="token_table_update_"
+        ),
+        "torch": backends.Impl(lambda: token_table_update_torch),
+    },
+)
 
 
 class TokenTable:
@@ -26,8 +88,10 @@ class TokenTable:
     slot (then counted as unseen: the value is approximate for that epoch); such ids are
     counted on device, and at ``get_epoch_stats`` (which reads them in its one host copy) the
     table grows to the next power of two above the largest id seen, rehashed on device, with a
-    warning. Ties in one batch: the last occurrence in flat order wins, as in the reference
-    (a scatter-max of positions picks one writer per slot, so writes never race).
+    warning. Every token of a batch is looked up in the table as it was before the batch; ties
+    in one batch: the last occurrence in flat order wins, as in the reference (the C++ op
+    writes sequentially in flat order; the torch code's scatter-max of positions picks one
+    writer per slot, so its writes never race).
     """
 
     def __init__(self, capacity: int) -> None:
@@ -51,28 +115,26 @@ class TokenTable:
 
     def update(self, token_ids: Tensor, top1: Tensor) -> tuple[Tensor, Tensor]:
         """(consistency float64 0-d, NaN if no token was seen before; ids >= capacity count)."""
-        ids = token_ids.reshape(-1).long()
-        sets = top1.reshape(-1).long()
-        device = ids.device
-        self._ensure(device)
-        cap = self.capacity
-        valid = (ids >= 0) & (sets >= 0)
-        slot = torch.where(valid, torch.remainder(ids, cap), cap)
-        seen = valid & (self.keys[slot] == ids)
-        same = seen & (self.vals[slot] == sets)
-        value = same.sum().to(torch.float64) / seen.sum().to(torch.float64)
-        pos = torch.arange(ids.numel(), device=device)
-        self.last.scatter_reduce_(0, slot, pos, reduce="amax")
-        writer = valid & (self.last[slot] == pos)
-        self.last.index_fill_(0, slot, -1)  # back to all -1 for the next call
-        wslot = torch.where(writer, slot, cap)  # non-writers go to the sink slot
-        self.keys.scatter_(0, wslot, ids)
-        self.vals.scatter_(0, wslot, sets)
-        masked_ids = torch.where(valid, ids, -1)
-        if ids.numel():
-            self.max_id = torch.maximum(self.max_id, masked_ids.amax())
-        overflow = (masked_ids >= cap).sum().to(torch.float64)
+        value, overflow, _ = self.update_values(token_ids, top1).unbind()
         return value, overflow
+
+    def update_values(self, token_ids: Tensor, top1: Tensor, step: int = 1) -> Tensor:
+        """Record one batch; float64 [3] on the device:
+        ``[consistency, overflow, step * max_id_after - (step - 1) * max_id_before]``.
+
+        token_ids: integer, any shape (< 0 = padding). top1: integer, the shape of token_ids
+        (< 0 = no set), or that shape + [k] (the first of the k choices is the token's set).
+        consistency: the share of this batch's valid tokens seen before (their own id in their
+        slot before the batch) routed to the set stored there; NaN if none was seen.
+        overflow: the number of valid ids >= capacity. The last term telescopes: with ``step``
+        = t, the caller's count of updates, the mean of the terms of updates 1..t is the running
+        max id after update t (how ``SetDiagnostics`` reads it at the epoch end, for growth).
+        """
+        self._ensure(token_ids.device)
+        impl = backends.implementation("token_table_update", token_ids.device, torch.int64)
+        if impl is token_table_update_torch:
+            return impl(self.keys, self.vals, self.max_id, token_ids, top1, step, self.last)
+        return impl(self.keys, self.vals, self.max_id, token_ids, top1, step)
 
     def grow(self, max_id: int) -> None:
         """Rehash into a capacity above ``max_id`` (a power of two, at least double)."""
