@@ -10,7 +10,8 @@ from torch import nn
 
 from fastdiag.diagnostics.base import Diagnostics
 from fastdiag.diagnostics.params import ParamTracker
-from fastdiag.diagnostics.training import ATTENTION_METRICS, TrainingDiagnostics, attention_values
+from fastdiag.diagnostics.training import ATTENTION_METRICS, TrainingDiagnostics
+from fastdiag.ops.summaries import attention_values
 from tests.conftest import forbid_host_sync
 from tests.training_helpers import attention_expect, entr
 
@@ -121,7 +122,7 @@ def test_attention_values_edge_cases():
     assert stats["attention_entropy/nk1"] == 0.0 and stats["attention_top1/nk1"] == 1.0
     assert stats["attention_effective_heads/nk1"] == 0.0  # NaN < threshold is False for every head
     assert all(math.isnan(stats[f"{m}/empty"]) for m in ATTENTION_METRICS)  # no valid row
-    assert attention_values.__module__ == "fastdiag.diagnostics.training"
+    assert attention_values.__module__ == "fastdiag.ops.summaries"
 
 
 def test_update_ratio_after_a_step_and_the_tracker_argument():

@@ -1,45 +1,19 @@
-"""Machinery shared by the drop-in diagnostics classes.
-
-- :class:`_Epoch`: one :class:`~fastdiag.accumulator.Accumulator` for every batch value of an
-  epoch, plus the host-side record of which keys had their input provided (host metadata,
-  never device data). ``add`` stacks the values of one update into one tensor: one
-  accumulator kernel per update.
-- :class:`_ParamTracker`: gradient / parameter norms and the weight change against a device
-  copy of the previous parameters, with fused multi-tensor norms.
-
-Epoch semantics (docs/metrics.md §8; the same as ``fastdiag.reference`` with ``count_mode="provided"``):
-a key's epoch value is the mean of its batch values over the updates that provided its input
-and where the value was defined (an undefined batch value is NaN, which the accumulator skips).
-A key whose input was never provided since ``reset()`` is absent; one provided but never
-defined is NaN. Keys starting with ``_`` are internal (error flags) and never returned.
-"""
+"""Argument checks shared by the diagnostics classes (host-side metadata only, never device
+data). The epoch machinery is :class:`fastdiag.diagnostics.base.Diagnostics`; the parameter
+norms are :class:`fastdiag.diagnostics.params.ParamTracker`."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fastdiag import ops
-from fastdiag.accumulator import Accumulator
 from fastdiag.ops import effective_rank
 from fastdiag.ops import norms as _norms
 from fastdiag.ops import summaries as _summaries
 from fastdiag.ops.cosine import check_sample
-from fastdiag.schema import COSINE_SAMPLES, NONFINITE_ROWS
-
-
-def nan(device: torch.device) -> Tensor:
-    """A float64 0-d NaN on ``device``."""
-    return torch.full((), math.nan, dtype=torch.float64, device=device)
-
-
-def normalised(h: Tensor, n: int) -> Tensor:
-    """``h / log n``; NaN when ``n == 1`` (0 / log 1 is undefined)."""
-    return h / math.log(n) if n > 1 else h * math.nan
 
 
 def check_tensor(x: Any, name: str) -> Tensor:
@@ -53,44 +27,6 @@ def check_float(x: Any, name: str) -> Tensor:
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     return x
-
-
-class _Epoch:
-    """The accumulator of one class and the keys provided since ``reset()``."""
-
-    def __init__(self) -> None:
-        self.acc = Accumulator()
-        self.provided: set[str] = set()
-
-    def add(self, values: Mapping[str, Tensor]) -> None:
-        """Record one update: ``values`` maps key -> 0-d tensor (NaN = provided but undefined)."""
-        if not values:
-            return
-        device = next(iter(values.values())).device
-        stacked = torch.stack(
-            [v.to(device=device, dtype=torch.float64).reshape(()) for v in values.values()]
-        )
-        self.acc.add(names=list(values), stacked=stacked)
-        self.provided.update(k for k in values if not k.startswith("_"))
-
-    def compute(self, sync_dist: bool, process_group: Any) -> dict[str, float]:
-        """Every registered mean (internal keys included): the one device->host copy."""
-        return self.acc.compute(sync_dist=sync_dist, process_group=process_group)
-
-    def provided_values(self, raw: Mapping[str, float], keys: Sequence[str]) -> dict[str, float]:
-        """``raw`` restricted to the provided ``keys``, in the order of ``keys``."""
-        return {k: raw[k] for k in keys if k in self.provided and k in raw}
-
-    def reset(self) -> None:
-        self.acc.reset()
-        self.provided = set()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"accumulator": self.acc.state_dict(), "provided": sorted(self.provided)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.acc.load_state_dict(state["accumulator"])
-        self.provided = set(state["provided"])
 
 
 def raise_flags(raw: Mapping[str, float], messages: Mapping[str, str]) -> None:
@@ -188,11 +124,4 @@ def effective_rank_mean(clean: Tensor) -> Tensor:
     return erank.to(torch.float64).mean()
 
 
-__all__ = [
-    "COSINE_SAMPLES",
-    "NONFINITE_ROWS",
-    "effective_rank_mean",
-    "nan",
-    "normalised",
-    "ops",
-]
+__all__ = ["check_cosine_samples", "check_float", "check_tensor", "effective_rank_mean", "raise_flags"]

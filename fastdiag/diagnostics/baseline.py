@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from fastdiag import ops, schema
-from fastdiag.diagnostics._base import _ParamTracker, check_cosine_samples, check_float
+from fastdiag.diagnostics._base import check_cosine_samples, check_float
 from fastdiag.diagnostics.base import Diagnostics
+from fastdiag.diagnostics.params import ParamTracker
 from fastdiag.ops import summaries
 from fastdiag.ops.summaries import DIST
 from fastdiag.schema import COSINE_SAMPLES, NONFINITE_ROWS, PATTERN_TOPK, SPARSITY_TAU
@@ -84,7 +85,7 @@ class BaselineAttentionDiagnostics(Diagnostics):
         self._attn_no_nf = _select(attention, self.keys)  # with value_states: one summed count
         self._param = _select([(k, i) for i, k in enumerate(_PARAM_KEYS)], self.keys)
         self._value = _select([(k, i) for i, k in enumerate((*_VALUE_KEYS, NONFINITE_ROWS))], self.keys)
-        self.add_state("_params", _ParamTracker("attention_params"), reset=False)
+        self.add_state("_params", ParamTracker("attention_params"), reset=False)
         self.add_state("_prev_top", None)
         self.add_state("_prev_bitmap", None)
         self.add_state("_attn_ndim", None)

@@ -26,7 +26,6 @@ batch values.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -38,7 +37,7 @@ from fastdiag import ops
 from fastdiag.accumulator import Accumulator
 from fastdiag.diagnostics.base import Diagnostics
 from fastdiag.diagnostics.params import GroupSpec, ParamTracker
-from fastdiag.ops import HeadSlot, Slot
+from fastdiag.ops import summaries
 from fastdiag.schema import EFFECTIVE_HEAD_ENTROPY, SPARSITY_TAU
 
 __all__ = [
@@ -46,7 +45,6 @@ __all__ = [
     "EFFECTIVE_HEAD_ENTROPY",
     "SPARSITY_TAU",
     "TrainingDiagnostics",
-    "attention_values",
 ]
 
 ATTENTION_METRICS = (
@@ -56,35 +54,6 @@ ATTENTION_METRICS = (
     "attention_effective_heads",
 )
 _NAN_INFS_GROUP = "health/nan_infs/"
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-update attention summary.
-# TO MOVE: this function belongs in fastdiag/ops/summaries.py (the ops layer owns every formula);
-# it lives here only until that module is open for it. The class below only calls it.
-# ----------------------------------------------------------------------------------------------
-
-
-def attention_values(sums: Tensor, head_sums: Tensor, nk: int, threshold: float) -> Tensor:
-    """[entropy, sparsity, top1, effective heads] float64 [4] of one ``dist_stats`` result
-    (``reduce_dim=1``, per-head sums ``head_sums`` [H, ...]) over Nk = ``nk`` keys.
-
-    Means over the valid B*H*N per-head rows; effective heads = share of heads whose mean
-    entropy / log Nk is below ``threshold`` (NaN when no row is valid, none when Nk = 1).
-    """
-    count = sums[Slot.COUNT]
-    heads = head_sums.shape[0]
-    rows = count * heads
-    entropy = head_sums[:, HeadSlot.ENTROPY].sum() / rows
-    sparsity = head_sums[:, HeadSlot.GT_TAU].sum() / (rows * nk)
-    top1 = head_sums[:, HeadSlot.MAX].sum() / rows
-    head_entropy = head_sums[:, HeadSlot.ENTROPY] / count
-    # Nk = 1: H / log 1 is NaN (as dist_stats documents), so no head counts as effective,
-    # the same value BaselineAttentionDiagnostics gives
-    normalised = head_entropy / math.log(nk) if nk > 1 else head_entropy * math.nan
-    effective = (normalised < threshold).double().mean()
-    effective = torch.where(count > 0, effective, torch.full_like(effective, math.nan))
-    return torch.stack([entropy, sparsity, top1, effective])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +117,7 @@ class TrainingDiagnostics(Diagnostics):
 
         weights: [B, H, N, Nk] per-head probabilities (logits with ``from_logits``) or
         [B, N, Nk] (one head). row_mask: bool [B, N], False rows (padding queries) ignored.
-        Batch values: see :func:`attention_values`; NaN (not counted) when no row is valid.
+        Batch values: see :func:`fastdiag.ops.summaries.attention_values`; NaN (not counted) when no row is valid.
         """
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
@@ -162,7 +131,7 @@ class TrainingDiagnostics(Diagnostics):
         if w.dim() == 3:
             w = w.unsqueeze(1)
         ds = ops.dist_stats(w, from_logits=from_logits, reduce_dim=1, tau=self.tau, row_mask=row_mask)
-        values = attention_values(ds.sums, ds.head_sums, w.shape[-1], self.effective_head_entropy)
+        values = summaries.attention_values(ds.sums, ds.head_sums, w.shape[-1], self.effective_head_entropy)
         keys = self._attention_keys.get(name)
         if keys is None:
             keys = self._attention_keys[name] = tuple(f"{m}/{name}" for m in ATTENTION_METRICS)

@@ -9,6 +9,8 @@ one function producing one float64 vector whose layout is given by the ``*_FIELD
   the previous update;
 * :func:`usage_summary` usage statistics of bank indices (:mod:`fastdiag.ops.usage`) and the
   set-reuse Jaccard against the previous active set;
+* :func:`attention_values` the per-layer attention values of the training integration
+  (per-head entropy, sparsity, top-1, effective heads; docs/metrics.md §5);
 * :func:`param_norms`   gradient norm, parameter norm and change against the previous
   parameters (refreshed in place).
 
@@ -20,6 +22,7 @@ never a host synchronisation), as ``fastdiag.backends`` decides; the field layou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +31,7 @@ from torch import Tensor
 from fastdiag import _extension, backends
 from fastdiag.ops import _summaries_layout as _layout
 from fastdiag.ops import _summaries_torch as _torch
-from fastdiag.ops._dist_stats import DistStats
+from fastdiag.ops._dist_stats import DistStats, HeadSlot, Slot
 from fastdiag.ops._summaries_layout import DIST, DIST_FIELDS, PARAM_FIELDS, USAGE, USAGE_FIELDS
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "USAGE",
     "USAGE_FIELDS",
     "accumulate",
+    "attention_values",
     "dist_summary",
     "param_norms",
     "usage_summary",
@@ -116,3 +120,25 @@ def param_norms(
         else _torch.param_norms_torch
     )
     return impl(list(params), list(grads), list(prev or ()), prev is not None)
+
+
+def attention_values(sums: Tensor, head_sums: Tensor, nk: int, threshold: float) -> Tensor:
+    """[entropy, sparsity, top1, effective heads] float64 [4] of one ``dist_stats`` result
+    (``reduce_dim=1``, per-head sums ``head_sums`` [H, ...]) over Nk = ``nk`` keys.
+
+    Means over the valid B*H*N per-head rows; effective heads = share of heads whose mean
+    entropy / log Nk is below ``threshold`` (NaN when no row is valid, none when Nk = 1).
+    """
+    count = sums[Slot.COUNT]
+    heads = head_sums.shape[0]
+    rows = count * heads
+    entropy = head_sums[:, HeadSlot.ENTROPY].sum() / rows
+    sparsity = head_sums[:, HeadSlot.GT_TAU].sum() / (rows * nk)
+    top1 = head_sums[:, HeadSlot.MAX].sum() / rows
+    head_entropy = head_sums[:, HeadSlot.ENTROPY] / count
+    # Nk = 1: H / log 1 is NaN (as dist_stats documents), so no head counts as effective,
+    # the same value BaselineAttentionDiagnostics gives
+    normalised = head_entropy / math.log(nk) if nk > 1 else head_entropy * math.nan
+    effective = (normalised < threshold).double().mean()
+    effective = torch.where(count > 0, effective, torch.full_like(effective, math.nan))
+    return torch.stack([entropy, sparsity, top1, effective])
