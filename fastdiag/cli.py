@@ -9,6 +9,7 @@ fastdiag demo [--quick] [--device cpu|cuda] [--break router] [--out runs/]
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,22 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _naming(exc: Exception, path: Path) -> str:
+    """The error on one line, naming ``path`` when it does not already."""
+    text = _one_line(exc)
+    return text if str(path) in text else f"{text} ({path})"
+
+
+def _os_error(exc: OSError, path: object) -> str:
+    """'<why> (<path>)' of an OSError, the path named once."""
+    why = exc.strerror or _one_line(exc)
+    return f"{why}: {path}"
+
+
 def _report(args: argparse.Namespace) -> int:
     from fastdiag.report import summarize, write_html
 
@@ -47,12 +64,23 @@ def _report(args: argparse.Namespace) -> int:
     if not db.exists():
         print(f"fastdiag report: no such database: {db}", file=sys.stderr)
         return 2
+    out = Path(args.out) if args.out else db.with_name(f"{db.stem}_report.html")
     try:
-        print(summarize(db, args.run, args.metric, window=args.trend_window))
-        out = Path(args.out) if args.out else db.with_name(f"{db.stem}_report.html")
+        summary = summarize(db, args.run, args.metric, window=args.trend_window)
+    except (ValueError, sqlite3.Error) as exc:
+        print(f"fastdiag report: {_naming(exc, db)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"fastdiag report: cannot read {_os_error(exc, db)}", file=sys.stderr)
+        return 2
+    print(summary)
+    try:
         written = write_html(db, out, args.run, args.metric, window=args.window)
-    except ValueError as exc:
-        print(f"fastdiag report: {exc}", file=sys.stderr)
+    except (ValueError, sqlite3.Error) as exc:
+        print(f"fastdiag report: {_naming(exc, db)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"fastdiag report: cannot write the report, {_os_error(exc, out)}", file=sys.stderr)
         return 2
     print(f"\nreport: {written}")
     return 0
@@ -64,9 +92,31 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         run_demo(args.out, quick=args.quick, device=args.device, break_router=args.brk == "router")
     except RuntimeError as exc:
-        print(f"fastdiag demo: {exc}", file=sys.stderr)
+        print(f"fastdiag demo: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"fastdiag demo: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else args.out
+        print(
+            f"fastdiag demo: cannot write to the output directory {args.out}: "
+            f"{exc.strerror or _one_line(exc)} ({where})",
+            file=sys.stderr,
+        )
         return 2
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,8 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="append", help="run to include (repeat; default: all)")
     p.add_argument("--metric", action="append", help="metric to chart (repeat; default: all)")
     p.add_argument("--out", help="HTML file (default: <db stem>_report.html beside the db)")
-    p.add_argument("--window", type=int, help="rolling window of the chart bands (points)")
-    p.add_argument("--trend-window", type=int, default=5, help="points of the terminal trend")
+    p.add_argument(
+        "--window", type=_positive_int, help="rolling window of the chart bands (points, >= 1)"
+    )
+    p.add_argument(
+        "--trend-window", type=_positive_int, default=5, help="points of the terminal trend (>= 1)"
+    )
     p.set_defaults(func=_report)
 
     p = sub.add_parser("demo", help="train a tiny baseline and a tiny set-routing LM, diagnosed")

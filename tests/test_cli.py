@@ -98,3 +98,54 @@ def test_demo_on_cuda_without_a_gpu_fails_cleanly(tmp_path, capsys):
     assert main(["demo", "--quick", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "cuda" in capsys.readouterr().err
     assert not (tmp_path / "demo.db").exists()
+
+
+def _one_line_error(capsys, needle):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastdiag report: "), err
+    assert needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_report_on_bad_inputs_is_one_line_and_exit_2(tmp_path, capsys):
+    import os
+    import sqlite3
+
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE other (x)")
+    noise = tmp_path / "noise.db"
+    noise.write_bytes(os.urandom(4096))
+    for path in (empty, foreign, noise, tmp_path):
+        assert main(["report", str(path)]) == 2
+        _one_line_error(capsys, str(path))
+
+    db = tmp_path / "ok.db"
+    with MetricsLogger(db, run="a") as logger:
+        logger.log({"loss": 1.0}, 0)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out in (blocker / "r.html", tmp_path):  # under a file; a directory
+        assert main(["report", str(db), "--out", str(out)]) == 2
+        _one_line_error(capsys, str(out))
+
+
+@pytest.mark.parametrize("option", ["--trend-window", "--window"])
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_report_windows_must_be_positive(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["report", "x.db", option, value])
+    assert exit_info.value.code == 2
+    assert f"{option}: must be a positive integer, got {value!r}" in capsys.readouterr().err
+
+
+def test_demo_with_an_unwritable_out_is_one_line_and_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out in (blocker / "runs", "/proc/fastdiag_demo_x"):
+        assert main(["demo", "--quick", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fastdiag demo: ") and str(out) in err[0]

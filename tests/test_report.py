@@ -195,3 +195,56 @@ def test_html_without_matplotlib_keeps_the_tables(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="matplotlib is not installed"):
         page = write_html(path, tmp_path / "r.html").read_text()
     assert "<figure" not in page and "Confidence" in page and "fastdiag[report]" in page
+
+
+def test_math_text_and_underscore_names_are_drawn_literally(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "m.db"
+    for run in ("exp$\\x$", "_x"):
+        with MetricsLogger(path, run=run) as logger:
+            for step in range(5):
+                logger.log({"grad$_$norm": float(step), "a^b_{c}": 1.0}, step)
+    seen = []
+    real_savefig = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        (ax,) = fig.axes
+        seen.append((ax.get_title(), [t.get_text() for t in ax.get_legend().get_texts()]))
+        return real_savefig(fig, *args, **kwargs)
+
+    Figure.savefig = spy
+    try:
+        page = write_html(path, tmp_path / "r.html").read_text()
+    finally:
+        Figure.savefig = real_savefig
+    charts = re.findall(r"<figure class='chart' data-metric='([^']*)'>", page)
+    assert charts == ["a^b_{c}", "grad$_$norm"]
+    assert {title for title, _ in seen} == {"a^b_{c}", "grad$_$norm"}
+    for _, legend in seen:  # every run in the legend, by its literal name
+        assert [label.split(" (window")[0] for label in legend] == ["exp$\\x$", "_x"]
+    with pytest.raises(ValueError, match="window must be >= 1, got 0"):
+        write_html(path, tmp_path / "r.html", window=0)
+    with pytest.raises(ValueError, match="window must be >= 1, got 0"):
+        summarize(path, window=0)
+
+
+def test_a_chart_that_cannot_be_drawn_is_named_and_the_report_kept(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from fastdiag.report import html as report_html
+
+    path = tmp_path / "m.db"
+    make_db(path)
+
+    def broken(name, by_run, window):
+        if name == "shared":
+            raise RuntimeError("no renderer")
+        return real(name, by_run, window)
+
+    real = report_html._chart_png
+    monkeypatch.setattr(report_html, "_chart_png", broken)
+    with pytest.warns(RuntimeWarning, match="chart of metric 'shared'"):
+        page = write_html(path, tmp_path / "r.html", metrics=["shared", "train/loss"]).read_text()
+    assert "the chart of metric &#x27;shared&#x27; could not be drawn" in page
+    assert re.findall(r"data-metric='([^']*)'", page) == ["train/loss"]

@@ -56,13 +56,15 @@ def rolling_band(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _chart_png(name: str, by_run: Mapping[str, Series], window: int | None) -> tuple[str, str]:
-    """(base64 PNG, caption) of one metric's chart."""
+    """(base64 PNG, caption) of one metric's chart. Every name is drawn as literal text
+    (``parse_math=False``: ``$`` or ``\\`` in a metric or run name is no math text)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 3.0), dpi=80)
     fig.subplots_adjust(left=0.12, right=0.98, top=0.9, bottom=0.16)  # fixed: layout engines cost
     ax = fig.add_subplot()
     notes = []
+    handles, labels = [], []
     for index, (run, series) in enumerate(by_run.items()):
         color = f"C{index % 10}"
         steps, values = series.steps, series.values
@@ -72,14 +74,18 @@ def _chart_png(name: str, by_run: Mapping[str, Series], window: int | None) -> t
         sparse = int(finite.sum()) <= 50  # per-epoch series: show the points themselves
         ax.plot(steps[finite], values[finite], color=color, alpha=0.5 if sparse else 0.35,
                 lw=0.8, marker="o" if sparse else None, ms=3)  # fmt: skip
-        ax.plot(steps, mean, color=color, lw=1.6, label=f"{run} (window {w})")
+        (line,) = ax.plot(steps, mean, color=color, lw=1.6)
+        handles.append(line)
+        labels.append(f"{run} (window {w})")  # explicit labels: a leading "_" is not hidden
         ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
         if (~finite).any():
             notes.append(f"{run}: {int((~finite).sum())} non-finite values not drawn")
-    ax.set_title(name, fontsize=10)
+    ax.set_title(name, fontsize=10, parse_math=False)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    legend = ax.legend(handles, labels, fontsize=7, loc="best")
+    for text in legend.get_texts():
+        text.set_parse_math(False)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     caption = "rolling mean +/- 1 std" + ("; " + "; ".join(notes) if notes else "")
@@ -121,6 +127,8 @@ def write_html(
     metrics of the chosen runs when None), runs overlaid; ``window`` fixes the rolling
     window (default: a tenth of each series' points, 3 to 100).
     """
+    if window is not None and (isinstance(window, bool) or window < 1):
+        raise ValueError(f"window must be >= 1, got {window!r}")
     db, out = Path(db), Path(out)
     infos = {r.name: r for r in list_runs(db)}
     chosen = list(runs) if runs else list(infos)
@@ -201,7 +209,15 @@ def write_html(
         parts.append("<div class='charts'>")
         for name in names:
             by_run = {run: data[run][name] for run in chosen if name in data.get(run, {})}
-            png, caption = _chart_png(name, by_run, window)
+            try:
+                png, caption = _chart_png(name, by_run, window)
+            except Exception as exc:  # noqa: BLE001 - one chart must not cost the report
+                message = (
+                    f"the chart of metric {name!r} could not be drawn ({type(exc).__name__}: {exc})"
+                )
+                warnings.warn(f"fastdiag report: {message}", RuntimeWarning, stacklevel=2)
+                parts.append(f"<p class='note'>{html.escape(message)}</p>")
+                continue
             parts.append(
                 f"<figure class='chart' data-metric='{html.escape(name, quote=True)}'>"
                 f"<img alt='{html.escape(name, quote=True)}' src='data:image/png;base64,{png}'>"

@@ -136,6 +136,8 @@ def summarize(
 ) -> str:
     """Terminal summary: per run the last value, the mean and trend over the last ``window``
     logged values of each metric, then the health verdicts and the comparison tables."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be >= 1, got {window!r}")
     known = [r.name for r in list_runs(db)]
     chosen = list(runs) if runs else known
     missing = [r for r in chosen if r not in known]
