@@ -147,6 +147,22 @@ def test_zeros_one_hot_and_ties(each_backend):
     torch.testing.assert_close(out.rows[3, RowSlot.ENTROPY], torch.tensor(math.log(16)))
 
 
+def test_topk_ties_among_negative_and_signed_zero_entries(each_backend):
+    """-0.0 ties +0.0 (lower index first), equal negative values rank by index too."""
+    x = torch.zeros(3, 40)
+    x[0, :10] = -0.5
+    x[0, 20] = -0.25
+    x[1] = -0.0
+    x[1, [7, 3]] = 0.0
+    x[1, 30] = -1e-30
+    x[2, ::2] = -0.0
+    x[2, 5] = 1e-45  # the smallest subnormal beats every zero
+    out = check(x, topk=6)
+    assert out.topk[0].tolist() == [10, 11, 12, 13, 14, 15]
+    assert out.topk[1].tolist() == [0, 1, 2, 3, 4, 5]
+    assert out.topk[2].tolist() == [5, 0, 1, 2, 3, 4]
+
+
 def test_negative_large_and_subnormal_entries(each_backend):
     """Weights that are not probabilities: a negative entry adds 0 to the entropy, a huge
     finite entry is finite (the row stays valid), subnormals add ~0."""

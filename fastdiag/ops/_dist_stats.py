@@ -15,7 +15,9 @@ mass (``|j - (i + query_offset)| <= window``).
 
 A row is *valid* when ``row_mask`` allows it and it is finite: for probabilities every entry
 of every head is finite; for logits no entry is NaN or +inf and the row max of each head is
-not -inf. Invalid rows are counted (``Slot.NONFINITE`` / ``Slot.MASKED``) and excluded from
+not -inf. (The triton backend, and the torch backend with ``heads=False``, read probability
+finiteness off the head mean: finite entries beyond ~1e37 whose float32 head sum overflows
+make the row non-finite there too; its statistics would be inf / NaN anyway.) Invalid rows are counted (``Slot.NONFINITE`` / ``Slot.MASKED``) and excluded from
 every other sum; their per-row outputs are NaN and their top-k indices -1.
 
 Definitions, per valid row ``p`` of length N: ``entropy = -sum_{p_j > 0} p_j log p_j``
