@@ -138,7 +138,6 @@ def test_set_update_op_counts():
 
 
 @needs_cpu_ops
-@pytest.mark.xfail(strict=True, reason="token table and embedding statistics are not fused yet (~150 ops)")
 def test_set_update_all_inputs_op_count_target():
     torch.manual_seed(0)
     idx = torch.randint(0, 8, (2, 16))
