@@ -4,6 +4,7 @@ Every op keeps its results on the input's device and picks its backend through
 ``fastdiag.backends``.
 
 * ``dist_stats``      every row statistic of a distribution tensor in one read
+* ``attention_stats`` dist_stats of softmax(q k^T * scale + mask) without materialising it
 * ``spectral_stats``  effective rank, stable rank, condition number ... of [..., rows, cols]
 * ``cosine_stats``    mean / max / max-abs off-diagonal cosine of the rows of [..., M, D]
   (``bank_coherence``: the max-abs one of an atom bank, scale-free)
@@ -28,6 +29,7 @@ from fastdiag.ops._dist_stats import (
     median,
     std,
 )
+from fastdiag.ops.attention import attention_stats
 from fastdiag.ops.cosine import CosineStats, bank_coherence, cosine_stats
 from fastdiag.ops.embedding import EmbeddingStats, embedding_stats
 from fastdiag.ops.spectral import SpectralStats, effective_rank, spectral_stats
@@ -42,6 +44,7 @@ __all__ = [
     "Slot",
     "SpectralStats",
     "UsageStats",
+    "attention_stats",
     "bank_coherence",
     "cosine_stats",
     "dist_stats",
