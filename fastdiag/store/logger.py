@@ -367,7 +367,8 @@ class MetricsLogger:
         values: list[Any] = []
         groups: dict[tuple[torch.device, torch.dtype], tuple[list[str], list[torch.Tensor]]] = {}
         for name, value in metrics.items():
-            _check_name(name)
+            if type(name) is not str or not name.isascii():  # inline: the hot path
+                _check_name(name)
             cls = type(value)
             if cls is float:
                 names.append(name)
