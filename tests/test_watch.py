@@ -155,7 +155,11 @@ def test_encoder_eval_fast_path_is_captured():
     with torch.no_grad():
         ref = model(x)  # unwatched: the fused encoder-layer fast path
     expect = Means()
-    with watch(model, gradients=False) as handle, torch.no_grad():
+    with watch(model, gradients=False) as default, torch.no_grad():
+        model(x)  # an eval pass: not a training pass, nothing recorded by default
+        model.layers[0](x)  # a layer called on its own counts by its own flag: eval too
+    assert default.get_epoch_stats() == {}
+    with watch(model, gradients=False, include_eval=True) as handle, torch.no_grad():
         layer_in = x
         for i, layer in enumerate(model.layers):
             for k, v in attention_expect(hand_mha_weights(layer.self_attn, layer_in)).items():
@@ -177,7 +181,7 @@ def test_encoder_eval_nested_tensor_path_ignores_padded_queries():
     pad[1, 4:] = True
     with quiet(), torch.no_grad():
         ref = model(x, src_key_padding_mask=pad)
-    with quiet(), watch(model, gradients=False) as handle, torch.no_grad():
+    with quiet(), watch(model, gradients=False, include_eval=True) as handle, torch.no_grad():
         out = model(x, src_key_padding_mask=pad)
         stats = handle.get_epoch_stats()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

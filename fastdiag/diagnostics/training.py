@@ -5,7 +5,8 @@ through the ``update_*`` methods; ``get_epoch_stats()`` returns one dict (docs/m
 "Gradient and training health"):
 
 * ``attention_entropy/{layer}``, ``attention_sparsity/{layer}``, ``attention_top1/{layer}``,
-  ``attention_effective_heads/{layer}`` (:meth:`TrainingDiagnostics.update_attention`).
+  ``attention_effective_heads/{layer}`` (:meth:`TrainingDiagnostics.update_attention` with
+  the weights, :meth:`TrainingDiagnostics.update_attention_qk` straight from SDPA's q and k).
   Per-head values: entropy and top-1 are means over the B*H*N per-head rows, sparsity the share
   of per-head entries > ``tau``, effective heads the share of heads whose mean entropy / log Nk
   is below ``effective_head_entropy``.
@@ -132,10 +133,57 @@ class TrainingDiagnostics(Diagnostics):
             w = w.unsqueeze(1)
         ds = ops.dist_stats(w, from_logits=from_logits, reduce_dim=1, tau=self.tau, row_mask=row_mask)
         values = summaries.attention_values(ds.sums, ds.head_sums, w.shape[-1], self.effective_head_entropy)
+        self._record(self._attention_key_names(name), values)
+
+    @torch.no_grad()
+    def update_attention_qk(
+        self,
+        name: str,
+        q: Tensor,
+        k: Tensor,
+        *,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+        row_mask: Tensor | None = None,
+    ) -> None:
+        """Record one batch of attention for layer ``name`` from the arguments of
+        ``torch.nn.functional.scaled_dot_product_attention``, without materialising the weights.
+
+        q [B, Hq, N, d], k [B, Hk, Nk, d]; attn_mask (bool, True = attend, or additive),
+        is_causal (top-left aligned), scale (None = 1/sqrt(d)) and enable_gqa as in SDPA.
+        row_mask: bool [B, N], False rows (padding queries) ignored. The same keys and values
+        as :meth:`update_attention` with ``softmax(q @ k^T * scale + mask)`` (pre-dropout).
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        for arg, t in (("q", q), ("k", k)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+        if attn_mask is not None and not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if row_mask is not None and not isinstance(row_mask, Tensor):
+            raise TypeError(f"row_mask must be a torch.Tensor or None, got {type(row_mask).__name__}")
+        ds = ops.attention_stats(
+            q.detach(),
+            k.detach(),
+            attn_mask=None if attn_mask is None else attn_mask.detach(),
+            is_causal=bool(is_causal),
+            scale=scale,
+            enable_gqa=bool(enable_gqa),
+            reduce_dim=1,
+            tau=self.tau,
+            row_mask=row_mask,
+        )
+        values = summaries.attention_values(ds.sums, ds.head_sums, k.shape[-2], self.effective_head_entropy)
+        self._record(self._attention_key_names(name), values)
+
+    def _attention_key_names(self, name: str) -> tuple[str, ...]:
         keys = self._attention_keys.get(name)
         if keys is None:
             keys = self._attention_keys[name] = tuple(f"{m}/{name}" for m in ATTENTION_METRICS)
-        self._record(keys, values)
+        return keys
 
     @torch.no_grad()
     def update_gradients(

@@ -2,17 +2,28 @@
 while the user's own training loop runs.
 
 ``watch`` finds the attention modules (``torch.nn.MultiheadAttention``, Hugging Face style
-modules that return their weights, modules given to
+modules: class name ending in ``Attention``, modules given to
 :func:`~fastdiag.integrations.registry.register_attention`) and the probes of
 :func:`~fastdiag.integrations.registry.probe`, hooks them, and reads gradient health at the
 optimizer's step pre-hook (or when the backward of a sampled forward ends) and update ratios at
-its post-hook. Every hook calls public methods of ``TrainingDiagnostics`` (``update_attention``,
-``update_gradients``, ``update_ratio``, ``update_probe``) and copies nothing to the host; the
-keys are those of docs/metrics.md, §5 "Gradient and training health".
+its post-hook. A Hugging Face style module that returns its weights (eager attention) is read
+from them; one that does not is read from its ``scaled_dot_product_attention`` calls: an
+:class:`~fastdiag.integrations.sdpa.SDPACapture` mode entered in its forward pre-hook and left
+in its forward hook (``always_call``) sees them, runs them unchanged and keeps q and k for
+``update_attention_qk`` (pre-dropout, never materialised). Every hook calls public methods of
+``TrainingDiagnostics`` (``update_attention``, ``update_attention_qk``, ``update_gradients``,
+``update_ratio``, ``update_probe``) and copies nothing to the host; the keys are those of
+docs/metrics.md, §5 "Gradient and training health".
+
+Which passes count: a forward of the watched model counts when the model is in training mode
+and autograd is enabled as it starts (``include_eval=True``: every pass); an attention module
+called outside the model's forward counts by its own ``training`` flag and autograd. Passes that
+do not count record no attention and, without an optimizer, are not steps.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,6 +34,7 @@ from torch import Tensor, nn
 from fastdiag.diagnostics.params import GroupSpec, ParamTracker, group_fn
 from fastdiag.diagnostics.training import TrainingDiagnostics
 from fastdiag.integrations.registry import ExtractFn, ProbeFn, registration, subscribe, unsubscribe
+from fastdiag.integrations.sdpa import SDPACapture
 
 __all__ = ["Watch", "watch"]
 
@@ -54,6 +66,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _is_hf_attention(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Attention") and not isinstance(module, nn.MultiheadAttention)
+
+
+def _mask_position(model: nn.Module) -> int | None:
+    """Position of ``attention_mask`` among the positional parameters of ``model.forward``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return None
+        if p.name == "attention_mask":
+            return i
+    return None
 
 
 def _find_weights(output: Any) -> Tensor | None:
@@ -102,6 +128,8 @@ class Watch:
     metric name to its kind (``"mha"``, ``"hf"``, ``"registered"``).
     """
 
+    _SAMPLED = "sampled"  # a pending entry of a module hooked without SDPA capture
+
     def __init__(
         self,
         model: nn.Module,
@@ -114,6 +142,7 @@ class Watch:
         update_ratio: bool,
         attention_names: str,
         diagnostics: TrainingDiagnostics,
+        include_eval: bool = False,
     ) -> None:
         self.diagnostics = diagnostics
         self.every = every
@@ -128,6 +157,11 @@ class Watch:
         self.step = 0  # completed steps (optimizer steps, else forward calls of the model)
         self.active = True  # whether the current step is sampled
         self._forwards = 0
+        self._include_eval = include_eval
+        self._depth = 0  # nesting of the model's forward (a model called inside itself)
+        self._root_counts = True  # whether the model's current forward counts (training pass)
+        self._row_mask: Tensor | None = None  # bool [B, N] of the 2-D attention_mask, if any
+        self._mask_pos = _mask_position(self._inner)
         self._captured = 0  # attention hook calls since the model's forward began
         self._requests: dict[int, list[tuple[bool, bool] | None]] = {}
         self._warned: set[tuple[str, str]] = set()
@@ -157,8 +191,8 @@ class Watch:
             self._handles.append(optimizer.register_step_pre_hook(_disable(self._on_pre_step)))
             self._handles.append(optimizer.register_step_post_hook(_disable(self._on_post_step)))
         # hooks on the object the user calls run eagerly even when it is a compiled wrapper
-        self._handles.append(model.register_forward_pre_hook(_disable(self._on_root_pre)))
-        self._handles.append(model.register_forward_hook(_disable(self._on_root_post)))
+        self._handles.append(model.register_forward_pre_hook(_disable(self._on_root_pre), with_kwargs=True))
+        self._handles.append(model.register_forward_hook(_disable(self._on_root_post), always_call=True))
         subscribe(self)
 
     # -- attention discovery ---------------------------------------------------------------
@@ -207,8 +241,16 @@ class Watch:
     def _attach_hf(self, module: nn.Module) -> None:
         name = self._layer_name(module)
         self.attention_layers[name] = "hf"
-        hook = _disable(lambda m, args, out: self._hf_post(m, name, out))
-        self._handles.append(module.register_forward_hook(hook))
+        self._hook_attention(module, name, None, False)
+
+    def _hook_attention(self, module: nn.Module, name: str, extract: ExtractFn | None, from_logits: bool) -> None:
+        """Pre-hook: decide whether this call is sampled (and, without ``extract``, enter an
+        SDPA capture); post-hook (also when the forward raises): leave it and record."""
+        pending: list[Any] = []  # one entry per call in flight (None: not sampled)
+        pre = _disable(lambda m, args: self._attention_pre(m, pending, extract is None))
+        post = _disable(lambda m, args, out: self._attention_post(m, name, pending, extract, from_logits, args, out))
+        self._handles.append(module.register_forward_pre_hook(pre))
+        self._handles.append(module.register_forward_hook(post, always_call=True))
 
     def attach_registered(self, module: nn.Module, probe: tuple[str, ProbeFn, str] | None = None) -> None:
         """Hook ``module``'s registered attention, or its ``probe`` (name, fn, at), if this watch
@@ -236,14 +278,13 @@ class Watch:
         extract, from_logits = reg.attention
         name = self._layer_name(module)
         self.attention_layers[name] = "registered"
-        hook = _disable(lambda m, args, out: self._registered_post(m, name, extract, from_logits, args, out))
-        self._handles.append(module.register_forward_hook(hook))
+        self._hook_attention(module, name, extract, from_logits)
 
     # -- hooks (all device-side: no host copy of tensor data) ------------------------------
 
     def _mha_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         requests = self._requests.get(id(module))
-        if not (self._live and self.active) or requests is None:
+        if not (self._live and self.active and self._counts(module)) or requests is None:
             if requests is not None:
                 requests.append(None)
             return None
@@ -284,48 +325,123 @@ class Watch:
             return out, weights.mean(dim=-3)
         return out, weights
 
-    def _hf_post(self, module: nn.Module, name: str, output: Any) -> None:
-        if not (self._live and self.active) or _in_backward():
-            return
-        self._captured += 1
-        weights = _find_weights(output)
-        if weights is None:
-            self._warn_once(name, "no_weights", (
-                f"fastdiag.watch: {name} ({type(module).__name__}) returned no attention weights; "
-                "build the model with output_attentions=True and attn_implementation='eager', or "
-                "give an extract function with fastdiag.register_attention"
-            ))
-            return
-        self.diagnostics.update_attention(name, weights)
+    def _counts(self, module: nn.Module) -> bool:
+        """Whether a call of ``module`` now belongs to a counted (training) pass."""
+        if self._include_eval:
+            return True
+        if self._depth:
+            return self._root_counts
+        return module.training and torch.is_grad_enabled()
 
-    def _registered_post(
-        self, module: nn.Module, name: str, extract: ExtractFn, from_logits: bool, args: tuple, output: Any
+    def _sampled(self, module: nn.Module) -> bool:
+        return self._live and self.active and not _in_backward() and self._counts(module)
+
+    def _attention_pre(self, module: nn.Module, pending: list, sdpa: bool) -> None:
+        if not self._sampled(module):
+            pending.append(None)
+        else:
+            pending.append(SDPACapture().open() if sdpa else self._SAMPLED)
+
+    def _attention_post(
+        self,
+        module: nn.Module,
+        name: str,
+        pending: list,
+        extract: ExtractFn | None,
+        from_logits: bool,
+        args: tuple,
+        output: Any,
     ) -> None:
-        if not (self._live and self.active) or _in_backward():
+        entry = pending.pop() if pending else None
+        if entry is None:
+            return
+        calls = []
+        if isinstance(entry, SDPACapture):
+            if not entry.close():
+                self._warn_once(name, "mode_stack", (
+                    f"fastdiag.watch: {name} ({type(module).__name__}) left a torch function mode "
+                    "entered in its forward; its scaled_dot_product_attention capture stays active "
+                    "until that mode exits"
+                ))
+            calls = entry.calls
+        if output is None:  # the forward raised (always_call hook), or returned nothing
             return
         self._captured += 1
-        weights = extract(module, args, output)
+        if extract is not None:
+            weights = extract(module, args, output)
+            if weights is not None:
+                self.diagnostics.update_attention(
+                    name, weights, from_logits=from_logits, row_mask=self._rows(weights.shape[0], weights.shape[-2])
+                )
+            return
+        weights = _find_weights(output)
         if weights is not None:
-            self.diagnostics.update_attention(name, weights, from_logits=from_logits)
+            self.diagnostics.update_attention(name, weights, row_mask=self._rows(weights.shape[0], weights.shape[-2]))
+            return
+        for c in calls:
+            self.diagnostics.update_attention_qk(
+                name,
+                c.q,
+                c.k,
+                attn_mask=c.attn_mask,
+                is_causal=c.is_causal,
+                scale=c.scale,
+                enable_gqa=c.enable_gqa,
+                row_mask=self._rows(c.q.shape[0], c.q.shape[-2]),
+            )
+        if not calls:
+            self._warn_once(name, "no_weights", (
+                f"fastdiag.watch: {name} ({type(module).__name__}) returned no attention weights and "
+                "called no torch.nn.functional.scaled_dot_product_attention; build the model with "
+                "attn_implementation='sdpa' or 'eager', or give an extract function with "
+                "fastdiag.register_attention"
+            ))
+
+    def _rows(self, batch: int, queries: int) -> Tensor | None:
+        """The padding row mask of the model's forward when it fits [batch, queries]."""
+        rows = self._row_mask
+        if rows is None or tuple(rows.shape) != (batch, queries):
+            return None
+        return rows
 
     def _probe_post(self, key: str, fn: ProbeFn, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._live and self.active and not _in_backward():
+        if self._sampled(module):
             with torch.no_grad():
                 value = fn(module, args, output)
                 if value is not None:
                     self.diagnostics.update_probe(key, value)
 
-    def _on_root_pre(self, module: nn.Module, args: tuple) -> None:
+    def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._live:
             return
+        self._depth += 1
+        if self._depth > 1:  # the model called inside its own forward: part of the same pass
+            return
+        self._root_counts = self._include_eval or (self._inner.training and torch.is_grad_enabled())
         self._captured = 0
-        if self._optimizer is None:  # without an optimizer, one forward call is one step
+        self._row_mask = self._padding_rows(args, kwargs)
+        if self._optimizer is None and self._root_counts:  # one counted forward call is one step
             self.active = self._forwards % self.every == 0
             self.step = self._forwards
             self._forwards += 1
 
+    def _padding_rows(self, args: tuple, kwargs: dict) -> Tensor | None:
+        """bool [B, N] (True = real token) of a 2-D ``attention_mask`` given to the model."""
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
+            mask = args[self._mask_pos]
+        if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.is_nested:
+            return None
+        return mask.detach() != 0
+
     def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not (self._live and self.active):
+        if not self._live or self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth:
+            return
+        self._row_mask = None
+        if output is None or not (self.active and self._root_counts):
             return
         if self.attention_layers and not self._captured:
             self._warn_once("", "not_run", (
@@ -416,13 +532,21 @@ def watch(
     update_ratio: bool = True,
     attention_names: str = "qualified",
     diagnostics: TrainingDiagnostics | None = None,
+    include_eval: bool = False,
 ) -> Watch:
     """Hook ``model`` so its training loop feeds a :class:`TrainingDiagnostics`; returns a :class:`Watch`.
 
     attention: capture per-head weights of ``nn.MultiheadAttention`` (forcing
         ``need_weights=True, average_attn_weights=False`` on sampled steps and giving the caller
-        back exactly what it asked for), of Hugging Face style modules that return them, and of
-        modules given to :func:`register_attention`. Warns, naming what was searched, when none.
+        back exactly what it asked for), of Hugging Face style modules (class name ending in
+        ``Attention``, innermost) and of modules given to :func:`register_attention`. A module
+        that returns its weights (eager attention) is read from them; one that does not is read
+        from the q and k of its ``torch.nn.functional.scaled_dot_product_attention`` calls
+        (transformers' default ``attn_implementation="sdpa"``, nanoGPT-style blocks): the call
+        runs unchanged, the statistics are those of the pre-dropout probabilities and the
+        N x Nk weights are never built. When the model's forward gets a 2-D ``attention_mask``
+        [B, N] (0 = padding), the padded query rows are left out of every layer that is not an
+        ``nn.MultiheadAttention``. Warns, naming what was searched, when none.
     gradients: gradient health of every parameter with ``requires_grad`` (those without a
         gradient at that step are skipped). Read at the optimizer's step pre-hook when
         ``optimizer`` is given (after clipping, right for gradient accumulation and DDP), else
@@ -436,6 +560,12 @@ def watch(
         one copy of the parameters that have gradients).
     attention_names: ``"qualified"`` (module names, the default) or ``"index"`` (``layer_{i}``).
     diagnostics: feed an existing object instead of a new one.
+    include_eval: also record the passes that are not training passes. By default a forward of
+        ``model`` counts only when ``model.training`` and autograd is enabled as it starts (an
+        attention module called on its own: its own ``training`` flag); the other passes
+        (``model.eval()``, ``torch.no_grad()``, ``torch.inference_mode()``: validation,
+        generation) record no attention or forward probe and, without an optimizer, are not
+        steps.
 
     Under ``torch.compile`` call ``watch`` before the first call of the compiled model (dynamo
     keeps the hooks a module had when it was compiled; a sampled forward that ran none of the
@@ -467,4 +597,5 @@ def watch(
         update_ratio=update_ratio,
         attention_names=attention_names,
         diagnostics=diagnostics if diagnostics is not None else TrainingDiagnostics(),
+        include_eval=bool(include_eval),
     )

@@ -35,7 +35,8 @@ class Registration:
     """What was registered for one module: its attention extract function and its probes."""
 
     def __init__(self) -> None:
-        self.attention: tuple[ExtractFn, bool] | None = None  # (extract_fn, from_logits)
+        # (extract_fn or None: its scaled_dot_product_attention calls, from_logits)
+        self.attention: tuple[ExtractFn | None, bool] | None = None
         self.probes: list[tuple[str, ProbeFn, str]] = []  # (name, fn, at)
 
 
@@ -61,17 +62,24 @@ def unsubscribe(subscriber: Subscriber) -> None:
     _SUBSCRIBERS.discard(subscriber)
 
 
-def register_attention(module: nn.Module, extract_fn: ExtractFn, *, from_logits: bool = False) -> nn.Module:
+def register_attention(
+    module: nn.Module, extract_fn: ExtractFn | None = None, *, from_logits: bool = False
+) -> nn.Module:
     """Declare ``module`` an attention layer for :func:`fastdiag.watch`; returns ``module``.
 
     ``extract_fn(module, inputs, output)`` runs after the module's forward on sampled steps and
     returns its attention, [B, H, N, Nk] per-head (or [B, N, Nk]) probabilities (logits with
-    ``from_logits=True``), or None to skip this call. Works for watches made before or after.
+    ``from_logits=True``), or None to skip this call. Without ``extract_fn`` the statistics come
+    from the q and k of the ``torch.nn.functional.scaled_dot_product_attention`` calls the
+    module makes in its forward (run unchanged; pre-dropout probabilities, never materialised).
+    Works for watches made before or after.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    if not callable(extract_fn):
-        raise TypeError(f"extract_fn must be callable (module, inputs, output) -> Tensor, got {extract_fn!r}")
+    if extract_fn is not None and not callable(extract_fn):
+        raise TypeError(
+            f"extract_fn must be callable (module, inputs, output) -> Tensor, or None, got {extract_fn!r}"
+        )
     reg = _REGISTRY.setdefault(module, Registration())
     reg.attention = (extract_fn, bool(from_logits))
     for w in list(_SUBSCRIBERS):
