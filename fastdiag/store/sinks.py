@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,10 @@ class Sink:
 
     def close(self) -> None:
         """Release files and connections (writer thread, after the last ``write``)."""
+
+
+class _Busy(Exception):
+    """A transient lock while preparing the store; the attempt is repeated."""
 
 
 class SQLiteSink(Sink):
@@ -136,6 +142,20 @@ class SQLiteSink(Sink):
                 f"cannot create the directory of the metrics database {where!r}: "
                 f"{exc.strerror or exc}"
             ) from exc
+        deadline = time.monotonic() + max(self.busy_timeout, 1.0)
+        while True:
+            try:
+                self._prepare_once(run, resume, where)
+                return
+            except _Busy as busy:
+                # a lock SQLite's busy handler does not wait for (a fresh file's WAL switch)
+                if time.monotonic() >= deadline:
+                    raise ValueError(
+                        f"cannot prepare the metrics database {where!r}: {busy.__cause__}"
+                    ) from busy.__cause__
+                time.sleep(0.01 + 0.04 * random.random())
+
+    def _prepare_once(self, run: RunInfo, resume: bool, where: str) -> None:
         try:
             conn = self._connect()
         except sqlite3.Error as exc:
@@ -165,6 +185,10 @@ class SQLiteSink(Sink):
                      run.name),
                 )  # fmt: skip
             conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise _Busy from exc
+            raise ValueError(f"cannot prepare the metrics database {where!r}: {exc}") from exc
         except sqlite3.Error as exc:
             raise ValueError(f"cannot prepare the metrics database {where!r}: {exc}") from exc
         finally:
