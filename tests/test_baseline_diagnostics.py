@@ -271,3 +271,105 @@ def test_nonfinite_rows_counted_and_excluded(backend, name):
     ):
         assert got[key] == pytest.approx(want[key], rel=RTOL, abs=ATOL), key
     assert math.isfinite(got["baseline/value_cosine_similarity"])
+
+
+# ----------------------------------------------------------------------------------------------
+# update_from_qk: the same values as update(softmax(q k^T * scale + mask)) without the weights
+# ----------------------------------------------------------------------------------------------
+
+
+def _sdpa_weights(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """softmax(q k^T * scale + mask) [B, Hq, N, Nk] in float32, SDPA semantics (top-left causal)."""
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if is_causal:
+        n, nk = s.shape[-2:]
+        attn_mask = torch.ones(n, nk, dtype=torch.bool).tril()
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return s.softmax(-1)
+
+
+def _qk_cases():
+    gen = torch.Generator().manual_seed(11)
+    b, n, d = 2, 9, 8
+    pad = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    pad[1, ..., 6:] = False  # key padding of the second sequence
+    additive = torch.randn(b, 1, n, n, generator=gen)
+    return {
+        "plain": dict(q=(b, 4, n, d), k=(b, 4, n, d)),
+        "causal": dict(q=(b, 4, n, d), k=(b, 4, n, d), is_causal=True),
+        "causal_rect": dict(q=(b, 4, 5, d), k=(b, 4, n, d), is_causal=True),
+        "padding": dict(q=(b, 4, n, d), k=(b, 4, n, d), attn_mask=pad),
+        "additive_scale": dict(q=(b, 4, n, d), k=(b, 4, n, d), attn_mask=additive, scale=0.2),
+        "gqa_causal": dict(q=(b, 4, n, d), k=(b, 2, n, d), is_causal=True, enable_gqa=True),
+        "gqa_padding": dict(q=(b, 6, n, d), k=(b, 2, n, d), attn_mask=pad, enable_gqa=True),
+    }
+
+
+@pytest.mark.parametrize("name", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("case", sorted(_qk_cases()))
+def test_update_from_qk_matches_update_of_the_softmax(backend, name, case):
+    backend(name)
+    spec = dict(_qk_cases()[case])
+    gen = torch.Generator().manual_seed(3)
+    from_qk, from_weights = BaselineAttentionDiagnostics(), BaselineAttentionDiagnostics()
+    lin = torch.nn.Linear(4, 4)
+    for _ in range(2):  # epochs
+        for _ in range(3):  # updates: the Jaccards compare with the previous top-k
+            q = torch.randn(*spec["q"], generator=gen)
+            k = torch.randn(*spec["k"], generator=gen)
+            kw = {key: v for key, v in spec.items() if key not in ("q", "k")}
+            params = {"w": lin.weight.detach().clone()}
+            from_qk.update_from_qk(q, k, attention_params=params, **kw)
+            from_weights.update(_sdpa_weights(q, k, **kw), params)
+            with torch.no_grad():
+                lin.weight.add_(0.01)
+        want, got = from_weights.get_epoch_stats(), from_qk.get_epoch_stats()
+        assert_stats_close(want, got, extra=())
+        from_qk.reset()
+        from_weights.reset()
+
+
+def test_update_from_qk_never_syncs():
+    fd = BaselineAttentionDiagnostics()
+    q, k = torch.randn(2, 4, 8, 8), torch.randn(2, 2, 8, 8)
+    fd.update_from_qk(q, k, is_causal=True, enable_gqa=True)  # warm-up
+    with forbid_host_sync():
+        for _ in range(2):
+            fd.update_from_qk(q, k, is_causal=True, enable_gqa=True)
+    assert all(math.isfinite(v) for v in fd.get_epoch_stats().values())
+
+
+def test_update_from_qk_bad_arguments_name_them():
+    fd = BaselineAttentionDiagnostics()
+    q, k = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="q must have shape"):
+        fd.update_from_qk(q[0], k)
+    with pytest.raises(ValueError, match="k must have shape"):
+        fd.update_from_qk(q, k[0])
+    with pytest.raises(TypeError, match="q must be a"):
+        fd.update_from_qk(q.long(), k)
+    with pytest.raises(ValueError, match="k must hold at least one key"):
+        fd.update_from_qk(q, k[:, :, :0])
+    with pytest.raises(TypeError, match="attn_mask"):
+        fd.update_from_qk(q, k, attn_mask=[[True]])
+    with pytest.raises(ValueError, match="attn_mask must be bool"):
+        fd.update_from_qk(q, k, attn_mask=torch.ones(8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="attn_mask and is_causal"):
+        fd.update_from_qk(q, k, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
+    with pytest.raises(TypeError, match="is_causal"):
+        fd.update_from_qk(q, k, is_causal=1)
+    with pytest.raises(ValueError, match="scale"):
+        fd.update_from_qk(q, k, scale=-1.0)
+    with pytest.raises(TypeError, match="enable_gqa"):
+        fd.update_from_qk(q, k, enable_gqa="yes")
+    with pytest.raises(ValueError, match="enable_gqa"):  # the op's check: 2 kv heads need GQA
+        fd.update_from_qk(q, k[:, :2])
+    with pytest.raises(ValueError, match=r"attention_params"):
+        fd.update_from_qk(q, k, attention_params={})
+    fd.update(torch.rand(2, 8, 8).softmax(-1))
+    with pytest.raises(ValueError, match="4-D .* after 3-D"):
+        fd.update_from_qk(q, k)
+    assert fd.get_epoch_stats()["baseline/attention_entropy_mean"] > 0  # the bad calls added nothing

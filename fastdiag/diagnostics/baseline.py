@@ -4,13 +4,16 @@ A drop-in for the original class (``baseline/`` keys) that reads each attention 
 one ``dist_stats`` pass averages the heads while reading and returns entropy, top-1, top-5
 indices and the per-head entropy / sparsity sums; one ``dist_summary`` turns them (and the
 previous top-k) into the whole value vector of the update, which the accumulator adds in one
-op. No formula lives here (see :mod:`fastdiag.ops.summaries`); no host synchronisation in
+op. ``update_from_qk`` gives the same values from the q and k of a
+``scaled_dot_product_attention`` call (``attention_stats``: the weights are never materialised). No formula lives here (see :mod:`fastdiag.ops.summaries`); no host synchronisation in
 ``update``; ``get_epoch_stats`` copies to the host once.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -144,6 +147,82 @@ class BaselineAttentionDiagnostics(Diagnostics):
             values = torch.stack([emb.variance, emb.cosine_mean, torch.as_tensor(nonfinite, dtype=torch.float64)])
             self._add(names, values, pos)
 
+    @torch.no_grad()
+    def update_from_qk(
+        self,
+        q: Tensor,
+        k: Tensor,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        scale: float | None = None,
+        attention_params: Mapping[str, Tensor] | None = None,
+        *,
+        enable_gqa: bool = False,
+    ) -> None:
+        """Record one batch from the arguments of ``scaled_dot_product_attention``: the same keys
+        and values as ``update(softmax(q @ k^T * scale + mask), attention_params)``, without
+        materialising the [B, H, N, Nk] weights; never synchronises with the device.
+
+        q [B, Hq, N, d], k [B, Hk, Nk, d]; attn_mask: bool (True = attend) or additive float,
+        broadcastable to [B, Hq, N, Nk]; is_causal: top-left aligned (query i sees keys j <= i),
+        not with attn_mask; scale: None = 1 / sqrt(d); enable_gqa: head h reads kv head
+        h // (Hq / Hk). attention_params: as in :meth:`update`.
+        """
+        for name, t in (("q", q), ("k", k)):
+            check_float(t, name)
+            if t.dim() != 4:
+                want = "[B, Hq, N, d]" if name == "q" else "[B, Hk, Nk, d]"
+                raise ValueError(f"{name} must have shape {want} (4 dims), got {tuple(t.shape)}")
+        if k.shape[2] == 0:
+            raise ValueError(f"k must hold at least one key (Nk >= 1), got shape {tuple(k.shape)}")
+        if attn_mask is not None:
+            if not isinstance(attn_mask, Tensor):
+                raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+            if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+                raise ValueError(
+                    f"attn_mask must be bool (True = attend) or floating (added to the scores), got {attn_mask.dtype}"
+                )
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        if is_causal and attn_mask is not None:
+            raise ValueError("attn_mask and is_causal=True cannot be given together (as in scaled_dot_product_attention)")
+        if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0
+        ):
+            raise ValueError(f"scale must be None or a positive finite number, got {scale!r}")
+        if not isinstance(enable_gqa, bool):
+            raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+        self._check_ndim(4, tuple(q.shape[:3]) + (k.shape[2],))
+        if attention_params is not None:
+            self._params.check(attention_params)
+        nk = k.shape[2]
+        st = ops.attention_stats(
+            q.detach(),
+            k.detach(),
+            attn_mask=None if attn_mask is None else attn_mask.detach(),
+            is_causal=is_causal,
+            scale=None if scale is None else float(scale),
+            enable_gqa=enable_gqa,
+            reduce_dim=1,
+            topk=min(PATTERN_TOPK, nk) if self._jaccard else 0,
+            tau=SPARSITY_TAU,
+            heads=self._heads,
+        )
+        self._attn_ndim = 4
+        names, pos = self._attn
+        self._add(names, self._summary(st, nk, True), pos)
+        if attention_params is not None:
+            names, pos = self._param
+            self._add(names, self._params.update_values(attention_params), pos)
+
+    def _check_ndim(self, nd: int, shape: tuple[int, ...]) -> None:
+        if self._attn_ndim is not None and nd != self._attn_ndim:
+            raise ValueError(
+                f"attention_weights must keep its number of dims within an epoch: got {nd}-D "
+                f"{shape} after {self._attn_ndim}-D attention in this epoch "
+                "(call reset() between epochs)"
+            )
+
     def _check_attention(self, attn: Tensor) -> None:
         check_float(attn, "attention_weights")
         nd = attn.dim()
@@ -152,12 +231,7 @@ class BaselineAttentionDiagnostics(Diagnostics):
                 f"attention_weights must have shape [B, H, N, Nk] or [B, N, Nk] with Nk >= 1, "
                 f"got {tuple(attn.shape)}"
             )
-        if self._attn_ndim is not None and nd != self._attn_ndim:
-            raise ValueError(
-                f"attention_weights must keep its number of dims within an epoch: got {nd}-D "
-                f"{tuple(attn.shape)} after {self._attn_ndim}-D attention in this epoch "
-                "(call reset() between epochs)"
-            )
+        self._check_ndim(nd, tuple(attn.shape))
 
     def _attention(self, attn: Tensor) -> Tensor:
         """The float64 [len(DIST_FIELDS)] summary of one attention tensor (updates the previous top-k)."""
@@ -172,8 +246,12 @@ class BaselineAttentionDiagnostics(Diagnostics):
             )
         else:
             st = ops.dist_stats(attn, reduce_dim=1 if four else None, topk=k, tau=SPARSITY_TAU)
+        return self._summary(st, nk, four)
+
+    def _summary(self, st: ops.DistStats, nk: int, from_heads: bool) -> Tensor:
+        """``dist_summary`` of one ``dist_stats`` / ``attention_stats`` result (updates the previous top-k)."""
         values, bitmap = summaries.dist_summary(
-            st, nk, from_heads=four, prev_top=self._prev_top, prev_bitmap=self._prev_bitmap, jaccard=self._jaccard
+            st, nk, from_heads=from_heads, prev_top=self._prev_top, prev_bitmap=self._prev_bitmap, jaccard=self._jaccard
         )
         if self._jaccard:
             self._prev_top, self._prev_bitmap = st.topk, bitmap
