@@ -114,6 +114,59 @@ def test_attention_from_logits_row_mask_and_thresholds():
     assert stats["attention_effective_heads/l"] == pytest.approx(float((per_head < 0.95).double().mean()))
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["causal_gqa", "bool_mask_rows", "additive_scale"],
+)
+def test_attention_qk_matches_the_materialised_weights(case):
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 7, 8, generator=gen)
+    k = torch.randn(2, 2 if case == "causal_gqa" else 4, 7, 8, generator=gen)
+    kw: dict = {}
+    rows = None
+    if case == "causal_gqa":
+        kw = dict(is_causal=True, enable_gqa=True)
+        mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    elif case == "bool_mask_rows":
+        mask = torch.ones(2, 1, 7, 7, dtype=torch.bool)
+        mask[1, ..., 5:] = False  # padded keys; the padded queries are left out with row_mask
+        rows = torch.ones(2, 7, dtype=torch.bool)
+        rows[1, 5:] = False
+        kw = dict(attn_mask=mask, row_mask=rows)
+    else:
+        mask = torch.randn(2, 1, 7, 7, generator=gen)
+        kw = dict(attn_mask=mask, scale=0.3)
+    qk, weights = TrainingDiagnostics(tau=0.2), TrainingDiagnostics(tau=0.2)
+    qk.update_attention_qk("l", q, k, **kw)
+    kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = q @ kk.transpose(-1, -2) * kw.get("scale", 8**-0.5)
+    s = s + mask if mask.dtype != torch.bool else s.masked_fill(~mask, float("-inf"))
+    weights.update_attention("l", s.softmax(-1), row_mask=rows)
+    got, want = qk.get_epoch_stats(), weights.get_epoch_stats()
+    assert got.keys() == want.keys() == {f"{m}/l" for m in ATTENTION_METRICS}
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    # the attention is pre-dropout by construction and the update never syncs
+    with forbid_host_sync():
+        qk.update_attention_qk("l", q, k, **kw)
+
+
+def test_attention_qk_bad_arguments():
+    diag = TrainingDiagnostics()
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(TypeError, match="name must be a str"):
+        diag.update_attention_qk(1, q, q)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        diag.update_attention_qk("l", q, None)
+    with pytest.raises(TypeError, match="attn_mask must be"):
+        diag.update_attention_qk("l", q, q, attn_mask=[[True]])
+    with pytest.raises(TypeError, match="row_mask must be"):
+        diag.update_attention_qk("l", q, q, row_mask=[True])
+    with pytest.raises(ValueError, match="enable_gqa"):
+        diag.update_attention_qk("l", q, q[:, :1])
+    assert diag.get_epoch_stats() == {}
+
+
 def test_attention_values_edge_cases():
     diag = TrainingDiagnostics()
     diag.update_attention("nk1", torch.ones(2, 3, 4, 1))  # one key: H / log 1 undefined
