@@ -35,6 +35,7 @@ namespace {
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double COSINE_EPS = 1e-8;              // fastdiag/ops/_cosine_layout.py COSINE_EPS
 constexpr int64_t GRAM_BLOCK_ELEMS = 1 << 22;    // Gram entries per row block
+constexpr int64_t DIRECT_FLOPS = 1 << 15;        // k * k * D below this: plain loops, no GEMM call
 
 int64_t row_block(int64_t m) { return std::max<int64_t>(256, (m + 255) / 256); }
 
@@ -108,6 +109,23 @@ template <typename O>
 std::pair<double, double> cosine_pass(const at::Tensor& clean2d, const std::vector<int64_t>& rows,
                                       const double* norms) {
   const int64_t k = static_cast<int64_t>(rows.size());
+  const int64_t d = clean2d.size(1);
+  if (k * k * d <= DIRECT_FLOPS) {  // small: the dots in float64 loops (both orders of a pair)
+    const O* pc = clean2d.const_data_ptr<O>();
+    double s = 0.0, mx = -std::numeric_limits<double>::infinity();
+    for (int64_t i = 0; i < k; ++i) {
+      const O* a = pc + rows[i] * d;
+      for (int64_t j = i + 1; j < k; ++j) {
+        const O* b = pc + rows[j] * d;
+        double dot = 0.0;
+        for (int64_t t = 0; t < d; ++t) dot += static_cast<double>(a[t]) * static_cast<double>(b[t]);
+        const double c = dot / (norms[rows[i]] * norms[rows[j]] + COSINE_EPS);
+        s += 2.0 * c;
+        mx = std::max(mx, c);
+      }
+    }
+    return {s, mx};
+  }
   auto idx = at::from_blob(const_cast<int64_t*>(rows.data()), {k}, at::TensorOptions().dtype(at::kLong)).clone();
   const at::Tensor w = clean2d.index_select(0, idx);  // [k, d], O
   const at::Tensor wt = w.t();

@@ -111,6 +111,14 @@ _PARTS: dict[str, tuple[int, tuple[tuple[str, int], ...], int | None]] = {
 }
 
 
+def _mean_weights(_: str, b: int, device: torch.device) -> Tensor:
+    return torch.full((b,), 1.0 / b, dtype=torch.float64, device=device)
+
+
+def _index(positions: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(positions, dtype=torch.long, device=device)
+
+
 @functools.cache
 def _layout(kinds: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]:
     """(names, their positions in the concatenated part vectors, the positions of the non-finite
@@ -157,7 +165,7 @@ class SetDiagnostics(Diagnostics):
         self.add_state("_prev_active", None)
         self.add_state("_token_updates", 0)  # updates with token_ids since reset()
         self.add_state("_token_grown", False)  # the token table grew for this epoch's overflow
-        self._nonfinite_index: dict[tuple[Any, ...], Tensor] = {}  # cached index tensors
+        self._constants: dict[tuple[Any, ...], Tensor] = {}  # small device constants, cached
 
     def metric_keys(self) -> tuple[str, ...]:
         return (*schema.SET_DIAGNOSTICS, NONFINITE_ROWS)
@@ -234,8 +242,10 @@ class SetDiagnostics(Diagnostics):
         if set_embeddings is not None:
             values, clean = embedding_raw(set_embeddings, self.cosine_samples, generator)
             parts.append(values)
-            # mean over the B matrices of every spectral statistic: entry 0 = the effective rank
-            parts.append(spectral_raw(clean)[0].mean(0))
+            # mean over the B matrices of every spectral statistic (entry 0: the effective rank),
+            # as a product with cached weights 1/B (one small GEMM; cheaper than mean(0))
+            stats = spectral_raw(clean)[0]
+            parts.append(self._cached(("mean", stats.shape[0], stats.device), _mean_weights) @ stats)
             kinds.append("embeddings")
 
         if set_attention_weights is not None:
@@ -251,12 +261,16 @@ class SetDiagnostics(Diagnostics):
         names, positions, nonfinite = _layout(tuple(kinds))
         values = torch.cat(parts) if len(parts) > 1 else parts[0]
         if len(nonfinite) > 1:  # the non-finite rows of several inputs: their sum
-            index = self._nonfinite_index.get((nonfinite, values.device))
-            if index is None:
-                index = torch.tensor(nonfinite, dtype=torch.long, device=values.device)
-                self._nonfinite_index[(nonfinite, values.device)] = index
-            self._add((NONFINITE_ROWS,), values[index].sum(0, keepdim=True))
+            index = self._cached((nonfinite, values.device), _index)
+            self._add((NONFINITE_ROWS,), values.index_select(0, index).sum(0, keepdim=True))
         self._add(names, values, positions)
+
+    def _cached(self, key: tuple[Any, ...], make: Any) -> Tensor:
+        """The device constant ``make(*key)``, made once per key."""
+        value = self._constants.get(key)
+        if value is None:
+            value = self._constants[key] = make(*key)
+        return value
 
     def _validate(
         self,
