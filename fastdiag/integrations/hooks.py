@@ -222,7 +222,8 @@ class Watch:
             warnings.warn(
                 f"fastdiag.watch: no attention module found in {type(self._inner).__name__}: searched "
                 f"{len(modules)} modules for torch.nn.MultiheadAttention, Hugging Face style modules "
-                "(class name ending in 'Attention' that return their weights) and modules given to "
+                "(class name ending in 'Attention': read from their weights or their "
+                "scaled_dot_product_attention calls) and modules given to "
                 "fastdiag.register_attention; gradients are still watched",
                 UserWarning,
                 stacklevel=3,
