@@ -1,7 +1,8 @@
 // Per-update summaries of the diagnostics classes, fused for the CPU (fastdiag/ops/summaries.py
 // holds the torch code for other devices and the layouts of the value vectors).
 //
-// accumulate_     state[slots[j]] += (values[src[j]], 1) for every finite value (in place)
+// accumulate_     state[slots[j]] += (values[src[j]], 1, 0) for every finite value and
+//                 (0, 0, 1) for every infinite one (in place; NaN = undefined adds nothing)
 // dist_summary    every derived value of a dist_stats result (+ the top-k Jaccards) in one vector
 // usage_summary   counts of bank indices and every usage statistic (+ the reuse Jaccard)
 // param_norms_    gradient norm, parameter norm and change against the previous parameters,
@@ -20,6 +21,7 @@
 namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // sum, count slots of dist_stats (fastdiag/ops/_dist_stats.py Slot / HeadSlot)
 constexpr int COUNT = 0, ENTROPY = 1, MAX = 3, MAX_SQ = 4, GT_TAU = 6, GT_EPS = 7, NONFINITE = 14;
@@ -28,7 +30,9 @@ constexpr double EFFECTIVE_HEAD_ENTROPY = 0.9;  // fastdiag.schema.EFFECTIVE_HEA
 constexpr int64_t DIST_NUM = 14, USAGE_NUM = 11;
 
 void accumulate_(at::Tensor state, const at::Tensor& slots, const at::Tensor& src, const at::Tensor& values) {
-  TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() && state.dim() == 2, "state: f64 [K, 2]");
+  TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() && state.dim() == 2 &&
+                  state.size(1) == 3,
+              "state: f64 [K, 3]");
   TORCH_CHECK(values.scalar_type() == at::kDouble, "values must be float64");
   TORCH_CHECK(slots.scalar_type() == at::kLong && src.scalar_type() == at::kLong && slots.numel() == src.numel(),
               "slots / src: int64 of one length");
@@ -44,8 +48,10 @@ void accumulate_(at::Tensor state, const at::Tensor& slots, const at::Tensor& sr
     TORCH_CHECK(ps[j] >= 0 && ps[j] < k && pr[j] >= 0 && pr[j] < n, "accumulate_: index out of range");
     const double x = pv[pr[j]];
     if (std::isfinite(x)) {
-      s[2 * ps[j]] += x;
-      s[2 * ps[j] + 1] += 1.0;
+      s[3 * ps[j]] += x;
+      s[3 * ps[j] + 1] += 1.0;
+    } else if (std::isinf(x)) {
+      s[3 * ps[j] + 2] += 1.0;
     }
   }
 }
@@ -284,9 +290,11 @@ at::Tensor param_norms_(at::TensorList params, at::TensorList grads, at::TensorL
   }
   auto out = at::empty({3}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  o[0] = std::sqrt(g2);
-  o[1] = std::sqrt(p2);
-  o[2] = has_prev ? std::sqrt(d2) : kNaN;
+  // a norm over NaN entries is reported as +inf: non-finite data, not "undefined" (NaN)
+  const auto norm = [](double sq) { return std::isnan(sq) ? kInf : std::sqrt(sq); };
+  o[0] = norm(g2);
+  o[1] = norm(p2);
+  o[2] = has_prev ? norm(d2) : kNaN;
   return out;
 }
 

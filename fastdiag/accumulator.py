@@ -1,9 +1,10 @@
 """``Accumulator``: named device-side running means with one host copy per ``compute()``.
 
-All state lives in one packed float64 tensor ``[K, 2]`` (sum, count) on the device of the
-values fed to it, so ``add`` is a single ``index_add_`` and distributed reduction is a single
-``all_reduce``. Non-finite values are skipped (not counted) without looking at them on the
-host, so one NaN batch never turns an epoch mean into NaN.
+All state lives in one packed float64 tensor ``[K, 3]`` (sum, count, infinite) on the device of
+the values fed to it, so ``add`` is a single fused op and distributed reduction is a single
+``all_reduce``. Non-finite values are skipped without looking at them on the host, so one bad
+batch never turns an epoch mean into NaN; skipped infinite values are counted per name (the
+third column, :meth:`compute_all`), NaN means "undefined" by convention and adds nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import Tensor
 
 from fastdiag.ops import summaries
 
-SUM, COUNT = 0, 1
+SUM, COUNT, INFINITE = 0, 1, 2
+COLUMNS = 3
 
 
 class Accumulator:
@@ -42,7 +44,7 @@ class Accumulator:
 
     @property
     def state(self) -> Tensor | None:
-        """The packed float64 [K, 2] (sum, count) tensor, or None before the first add."""
+        """The packed float64 [K, 3] (sum, count, infinite) tensor, or None before the first add."""
         return self._state
 
     def _slots(self, names: Sequence[str], device: torch.device) -> Tensor:
@@ -50,7 +52,7 @@ class Accumulator:
         if new:
             for n in new:
                 self._index[n] = len(self._index)
-            grow = torch.zeros(len(new), 2, dtype=torch.float64, device=device)
+            grow = torch.zeros(len(new), COLUMNS, dtype=torch.float64, device=device)
             self._state = grow if self._state is None else torch.cat([self._state, grow])
         # index tensor built from host ints: a host->device copy, never a sync on device data
         return torch.tensor([self._index[n] for n in names], dtype=torch.long).to(
@@ -103,7 +105,7 @@ class Accumulator:
         Either a mapping name -> 0-d tensor / float, or ``names`` with a ``stacked`` [K] tensor
         (the fast path: one kernel for all metrics of an update). ``counts`` [K] weights each
         value (a value v with count n adds n*v to the sum and n to the count); non-finite
-        values and zero counts add nothing.
+        values and zero counts add nothing to the mean, infinite ones count in ``INFINITE``.
         """
         if values is not None:
             if names is not None or stacked is not None:
@@ -130,8 +132,9 @@ class Accumulator:
         stacked = stacked.to(device=device, dtype=torch.float64)
         n = torch.ones_like(stacked) if counts is None else counts.to(device=device, dtype=torch.float64)
         ok = torch.isfinite(stacked) & (n > 0)
+        inf = (stacked.isinf() & (n > 0)).to(torch.float64)
         n = torch.where(ok, n, torch.zeros_like(n))
-        rows = torch.stack([torch.where(ok, stacked * n, torch.zeros_like(stacked)), n], dim=1)
+        rows = torch.stack([torch.where(ok, stacked * n, torch.zeros_like(stacked)), n, inf], dim=1)
         idx = self._slots(names, device)
         assert self._state is not None
         self._state.index_add_(0, idx, rows)
@@ -144,15 +147,22 @@ class Accumulator:
         ``sync_dist=True`` (or a ``process_group``) first sums the state over the ranks of
         ``torch.distributed`` (a no-op when it is not initialised).
         """
+        return self.compute_all(sync_dist=sync_dist, process_group=process_group)[0]
+
+    def compute_all(
+        self, *, sync_dist: bool = False, process_group: Any = None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """(mean of every name, number of infinite values skipped per name), one host copy."""
         names, state = self.names, self._state
         if sync_dist or process_group is not None:
             from fastdiag.distributed import all_reduce_named
 
             names, state = all_reduce_named(names, state, process_group)
         if state is None or not names:
-            return {}
+            return {}, {}
         host = state.detach().to("cpu").tolist()  # host ok: the one copy of compute()
-        return {n: (s / c if c > 0 else math.nan) for n, (s, c) in zip(names, host)}
+        means = {n: (row[SUM] / row[COUNT] if row[COUNT] > 0 else math.nan) for n, row in zip(names, host)}
+        return means, {n: row[INFINITE] for n, row in zip(names, host)}
 
     def reset(self) -> None:
         """Zero every sum and count (names stay registered)."""
@@ -164,10 +174,12 @@ class Accumulator:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         names, state = list(state_dict["names"]), state_dict["state"]
-        if state is not None and tuple(state.shape) != (len(names), 2):
+        if state is not None and (state.dim() != 2 or tuple(state.shape) not in ((len(names), 2), (len(names), COLUMNS))):
             raise ValueError(
-                f"state must have shape ({len(names)}, 2) for {len(names)} names, got {tuple(state.shape)}"
+                f"state must have shape ({len(names)}, {COLUMNS}) for {len(names)} names, got {tuple(state.shape)}"
             )
+        if state is not None and state.shape[1] == 2:  # saved before the infinite count existed
+            state = torch.cat([state, state.new_zeros(len(names), 1)], dim=1)
         self._index = {n: i for i, n in enumerate(names)}
         self._slot_cache = {}
         if state is None:

@@ -36,12 +36,13 @@ def _reduce_device(state: Tensor | None, process_group: Any) -> torch.device:
 def all_reduce_named(
     names: Sequence[str], state: Tensor | None, process_group: Any = None
 ) -> tuple[list[str], Tensor | None]:
-    """Sum named ``[K, 2]`` float64 rows over the ranks of ``process_group``.
+    """Sum named ``[K, C]`` float64 rows over the ranks of ``process_group``.
 
     names: the K row names of ``state`` on this rank (unique), any order.
-    state: float64 [K, 2] (or None when this rank never added anything).
+    state: float64 [K, C] (or None when this rank never added anything); C = 3 for the
+    accumulator (sum, count, infinite), the same C on every rank.
     Returns ``(union, reduced)``: the sorted union of all ranks' names and the float64
-    [len(union), 2] sum of every rank's rows aligned on it (on this rank's device). A no-op
+    [len(union), C] sum of every rank's rows aligned on it (on this rank's device). A no-op
     returning the inputs when torch.distributed is unavailable or not initialised.
 
     Collectives, identical on every rank: one ``all_gather_object`` of the name lists, then one
@@ -49,9 +50,9 @@ def all_reduce_named(
     ``compute()`` / ``get_epoch_stats()``).
     """
     names = list(names)
-    if state is not None and tuple(state.shape) != (len(names), 2):
+    if state is not None and (state.dim() != 2 or state.shape[0] != len(names)):
         raise ValueError(
-            f"state must have shape ({len(names)}, 2) for {len(names)} names, got {tuple(state.shape)}"
+            f"state must have shape ({len(names)}, C) for {len(names)} names, got {tuple(state.shape)}"
         )
     if not is_initialized():
         return names, state
@@ -66,7 +67,8 @@ def all_reduce_named(
     union = sorted(set().union(*(g or [] for g in gathered)))
 
     device = _reduce_device(state, process_group)
-    aligned = torch.zeros(len(union), 2, dtype=torch.float64, device=device)
+    columns = 3 if state is None else state.shape[1]  # ranks without state: the accumulator's
+    aligned = torch.zeros(len(union), columns, dtype=torch.float64, device=device)
     if local:
         position = {n: i for i, n in enumerate(union)}
         index = torch.tensor([position[n] for n in local], dtype=torch.long, device=device)

@@ -273,6 +273,17 @@ def _mechanism_rules(
     )
 
 
+def _nonfinite_rule(gradient: str, what: str) -> Rule:
+    return Rule(
+        f"nonfinite/{gradient}",
+        -math.inf,
+        0.0,
+        "exploding gradient",
+        f"the {what} gradient norm was infinite or NaN in some updates this epoch (those updates "
+        "are left out of its mean): gradients overflowed",
+    )
+
+
 RULES: tuple[Rule, ...] = _mechanism_rules(
     gradient="router_gradient_norm",
     confidence="router_confidence_mean",
@@ -291,11 +302,20 @@ RULES: tuple[Rule, ...] = _mechanism_rules(
     cosine="value_cosine_similarity",
     what="attention",
     parts="value vectors",
+) + (
+    _nonfinite_rule("router_gradient_norm", "router"),
+    _nonfinite_rule("attention_gradient_norm", "attention"),
 )
 
 
+NONFINITE_PREFIX = "health/nonfinite/"  # + key: infinite batch values of that key this epoch
+
+
 def _name(key: str) -> str:
-    """The unprefixed metric name of a stats key (``"ausa/x"`` -> ``"x"``)."""
+    """The rule name of a stats key: unprefixed (``"ausa/x"`` -> ``"x"``), and
+    ``"nonfinite/x"`` for the count ``"health/nonfinite/ausa/x"``."""
+    if key.startswith(NONFINITE_PREFIX):
+        return "nonfinite/" + key.rsplit("/", 1)[-1]
     return key.rsplit("/", 1)[-1]
 
 

@@ -120,3 +120,38 @@ def test_add_state_rejects_duplicates_and_bad_defaults():
         t.add_state("prev", None)
     with pytest.raises(ValueError):
         t.add_state("obj", object())
+
+
+# ---- nothing hidden: infinite batch values are counted per key ----------------------------------
+
+
+def _router_params(scale: float) -> dict[str, torch.nn.Parameter]:
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    w.grad = torch.full((3, 4), scale / math.sqrt(12.0))
+    return {"w": w}
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_gradient_is_counted_and_becomes_a_verdict(bad):
+    import fastdiag
+
+    diag = fastdiag.SetDiagnostics()
+    idx = torch.tensor([[0, 1, 2, 1]])
+    for scale in (1.0, bad, 1.0):
+        diag.update_with_router_state(idx, 3, router_params=_router_params(scale))
+    stats = diag.get_epoch_stats()
+    assert stats["ausa/router_gradient_norm"] == pytest.approx(1.0)  # the finite updates' mean
+    assert stats["health/nonfinite/ausa/router_gradient_norm"] == 1.0
+    failures = {(v.key, v.failure) for v in fastdiag.verdicts(stats)}
+    assert ("health/nonfinite/ausa/router_gradient_norm", "exploding gradient") in failures
+    # the count is not mistaken for the gradient norm itself by the other rules
+    assert not any(v.key.startswith("health/nonfinite/") and v.failure != "exploding gradient"
+                   for v in fastdiag.verdicts(stats))
+
+
+def test_no_nonfinite_key_when_every_value_was_finite():
+    import fastdiag
+
+    diag = fastdiag.BaselineAttentionDiagnostics()
+    diag.update(torch.softmax(torch.randn(2, 2, 4, 4), -1), attention_params=_router_params(2.0))
+    assert not any(k.startswith("health/nonfinite/") for k in diag.get_epoch_stats())

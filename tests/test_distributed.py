@@ -227,7 +227,7 @@ def test_all_reduce_named_is_a_noop_without_a_process_group():
 
 
 def test_all_reduce_named_checks_the_state_shape():
-    with pytest.raises(ValueError, match=r"state must have shape \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"state must have shape \(2, C\)"):
         all_reduce_named(["a", "b"], torch.zeros(3, 2, dtype=torch.float64))
 
 

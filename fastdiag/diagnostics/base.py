@@ -15,7 +15,9 @@ values and one float64 tensor holding them, on the device. The base class owns e
 Epoch semantics (docs/metrics.md §8): a key's epoch value is the mean of its batch values over
 the updates that provided its input and where the value was defined (an undefined batch value is
 NaN, skipped by the mean). A key never provided since ``reset()`` is absent; one provided but
-never defined is NaN. Names starting with ``_`` are internal (error flags) and never provided.
+never defined is NaN. An infinite batch value (overflow, a non-finite gradient) is skipped by the
+mean too and counted: ``health/nonfinite/<key>`` is the number of them this epoch, present only
+when > 0. Names starting with ``_`` are internal (error flags) and never provided.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import torch
 from torch import Tensor
 
 from fastdiag.accumulator import Accumulator
+from fastdiag.schema import NONFINITE_PREFIX
 
-__all__ = ["Diagnostics"]
+__all__ = ["NONFINITE_PREFIX", "Diagnostics"]
 
 _STATE_KEYS = ("class", "version", "accumulator", "provided", "states")
 
@@ -161,8 +164,13 @@ class Diagnostics:
         ``sync_dist`` / ``process_group``: sum the accumulator over the ranks first (a no-op when
         torch.distributed is not initialised). Declared states stay per rank.
         """
-        raw = self._acc.compute(sync_dist=sync_dist, process_group=process_group)
-        return self._epoch_values(raw)
+        raw, infinite = self._acc.compute_all(sync_dist=sync_dist, process_group=process_group)
+        out = self._epoch_values(raw)
+        # nothing is silently lost: infinite batch values skipped by a mean are counted per key
+        out.update(
+            {f"{NONFINITE_PREFIX}{k}": infinite[k] for k in list(out) if infinite.get(k, 0.0) > 0}
+        )
+        return out
 
     def compute(self, sync_dist: bool = False, process_group: Any = None) -> dict[str, float]:
         """Alias of :meth:`get_epoch_stats`."""
@@ -292,8 +300,8 @@ def _checked_accumulator(state: Any) -> Mapping[str, Any]:
     if tensor is not None:
         if not isinstance(tensor, Tensor) or not tensor.dtype.is_floating_point:
             raise ValueError(f"state must be a float tensor or None, got {type(tensor).__name__}")
-        if tuple(tensor.shape) != (len(names), 2):
-            raise ValueError(f"state must have shape ({len(names)}, 2), got {tuple(tensor.shape)}")
+        if tensor.dim() != 2 or tuple(tensor.shape) not in ((len(names), 2), (len(names), 3)):
+            raise ValueError(f"state must have shape ({len(names)}, 3), got {tuple(tensor.shape)}")
     elif names:
         raise ValueError("state is None but names are registered")
     return state

@@ -117,12 +117,20 @@ def param_norms_torch(
     else:
         change = _norms.diff_norms(params, prev).to(device).square().sum().sqrt()
         torch._foreach_copy_(list(prev), list(params))
-    return torch.stack([grad_norm, param_norm, change])
+    norms = torch.stack([grad_norm, param_norm, change])
+    # a norm over NaN entries is reported as +inf: non-finite data, not "undefined" (NaN)
+    bad = norms.isnan()
+    if prev is None:
+        bad[2] = False
+    return torch.where(bad, math.inf, norms)
 
 
 def accumulate_torch(state: Tensor, idx: Tensor, src: Tensor, values: Tensor) -> None:
-    """state[idx[j]] += (values[src[j]], 1) for every finite one, in place (``fastdiag::accumulate_``)."""
+    """state [K, 3]: state[idx[j]] += (v, 1, 0) for a finite v = values[src[j]], (0, 0, 1) for an
+    infinite one, nothing for NaN (undefined), in place (``fastdiag::accumulate_``)."""
     values = values.index_select(0, src)
     ok = torch.isfinite(values)
-    rows = torch.stack([torch.where(ok, values, 0.0), ok.to(values.dtype)], dim=1)
+    rows = torch.stack(
+        [torch.where(ok, values, 0.0), ok.to(values.dtype), values.isinf().to(values.dtype)], dim=1
+    )
     state.index_add_(0, idx, rows)
