@@ -22,6 +22,7 @@ from fastdiag import ops
 from fastdiag.diagnostics.training import ATTENTION_METRICS, TrainingDiagnostics
 from fastdiag.integrations import register_attention, watch
 from fastdiag.integrations.sdpa import SDPACapture
+from tests.conftest import forbid_host_sync
 
 BATCH, SEQ, VOCAB = 2, 12, 100
 
@@ -363,6 +364,38 @@ def test_the_mode_is_left_when_the_forward_raises_and_nothing_outside_is_touched
         assert seen == [None]  # the model's other modules run outside the capture
         assert len(handle.get_epoch_stats()) == 4
     assert not any(isinstance(m, SDPACapture) for m in torch.overrides._get_current_function_mode_stack())
+
+
+def test_hooks_never_copy_to_host():
+    torch.manual_seed(0)
+    model = GPT(CausalSelfAttention)
+    ids, _ = _inputs(padded=False)
+    with watch(model, gradients=False) as handle:
+        model(ids)  # warm-up: key names, plans
+        with forbid_host_sync():
+            model(ids)
+        assert len(handle.get_epoch_stats()) == 8
+
+
+def test_compiled_model_gives_the_eager_numbers():
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        model = GPT(CausalSelfAttention)
+        ids, _ = _inputs(padded=False)
+        with watch(model, gradients=False) as handle:
+            eager = model(ids)
+            want = handle.get_epoch_stats()
+        compiled = torch.compile(model)
+        with watch(compiled, gradients=False) as handle:
+            out = compiled(ids)
+            got = handle.get_epoch_stats()
+        torch.testing.assert_close(out, eager)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    finally:
+        torch._dynamo.reset()
 
 
 def test_lazy_top_level_export_still_works():
