@@ -460,3 +460,20 @@ def test_no_host_transfer(backend, use_backend):
     with forbid_host_sync():
         spectral_stats(x)
         effective_rank(x.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
+@pytest.mark.parametrize("scale", [1e200, 1e-155, 1e-300])
+def test_extreme_float64_scales_are_scale_free(backend_name, scale, backend):
+    if backend_name == "cpu" and not fastdiag.backends.cpu_extension_available():
+        pytest.skip("no C++ extension")
+    backend(backend_name)
+    eye = torch.eye(3, dtype=torch.float64)[None] * scale
+    out = spectral_stats(eye)
+    torch.testing.assert_close(out.effective_rank, torch.tensor([3.0]))
+    torch.testing.assert_close(out.condition_number, torch.tensor([1.0]))
+    raw = spectral_raw(eye)
+    torch.testing.assert_close(raw[1], torch.full((1, 3), scale, dtype=torch.float64))
+    x = torch.randn(2, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for a, b in zip(spectral_stats(x * scale), spectral_stats(x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)

@@ -32,6 +32,9 @@ Conventions:
 * Eigenvalues of the Gram matrix below ``r * eps64 * lambda_max`` are rounding noise of the Gram
   itself and count as 0: singular values below sqrt(r * 2.2e-16) * sigma_1 (1.7e-7 sigma_1 at
   r = 128) are not resolved, so condition numbers above ~1e7 read as inf.
+* float64 matrices are divided by their largest |entry| first (the statistics are scale-free,
+  ``sigma`` is scaled back), so entries near float64's range limits neither overflow nor
+  underflow the Gram matrix.
 * Matrices with both sides larger than ``MAX_DIM`` fall back to the torch path (one warning).
 * Without the extension: LAPACK ``eigvalsh`` on the Gram matrix for CPU tensors, a batched
   Jacobi in torch ops for CUDA tensors (``torch.linalg.eigvalsh`` synchronises there: it checks
@@ -129,10 +132,23 @@ def spectral_raw(x: Tensor, method: str = "auto") -> tuple[Tensor, Tensor, Tenso
             "use 'auto' or 'jacobi'"
         )
     x = x.detach()
+    scale = None
+    if x.dtype == torch.float64:
+        # the float64 Gram of entries beyond ~1e150 (or below ~1e-150) over- or underflows;
+        # every statistic is scale-free, so each matrix runs divided by its largest |entry|
+        # (float32 / half entries square well inside float64's range: no pass for them)
+        amax = x.abs().amax(dim=(-2, -1), keepdim=True)
+        scale = torch.where(torch.isfinite(amax) & (amax > 0), amax, 1.0)
+        x = x / scale
     if min(x.shape[-2], x.shape[-1]) > MAX_DIM:  # beyond the kernels' static sizes
         _warn_too_large(x.shape)
-        return spectral_torch(x, method)
-    return backends.implementation("spectral_stats", x.device, x.dtype)(x, method)
+        out = spectral_torch(x, method)
+    else:
+        out = backends.implementation("spectral_stats", x.device, x.dtype)(x, method)
+    if scale is None:
+        return out
+    stats, sigma, nonfinite, iterations = out
+    return stats, sigma * scale[..., 0], nonfinite, iterations
 
 
 def _check(x: Tensor) -> None:
