@@ -366,6 +366,33 @@ def test_the_mode_is_left_when_the_forward_raises_and_nothing_outside_is_touched
     assert not any(isinstance(m, SDPACapture) for m in torch.overrides._get_current_function_mode_stack())
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_records_each_forward_once(reentrant):
+    class Checkpointed(GPT):
+        def forward(self, ids):
+            x = self.emb(ids)
+            for block in self.blocks:
+                x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=reentrant)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    plain = GPT(CausalSelfAttention)
+    ckpt = Checkpointed(CausalSelfAttention)
+    ckpt.load_state_dict(plain.state_dict())
+    ids, _ = _inputs(padded=False)
+    results = []
+    for model in (plain, ckpt):
+        with watch(model) as handle:
+            for _ in range(2):
+                model(ids).square().mean().backward()
+            acc = handle.diagnostics.accumulator
+            assert acc.state[acc.names.index("attention_entropy/blocks.1"), 1] == 2
+            results.append({k: v for k, v in handle.get_epoch_stats().items() if k.startswith("attention")})
+    assert results[0].keys() == results[1].keys() and len(results[0]) == 8
+    for key, value in results[0].items():
+        assert results[1][key] == pytest.approx(value, rel=1e-6), key
+
+
 def test_hooks_never_copy_to_host():
     torch.manual_seed(0)
     model = GPT(CausalSelfAttention)
