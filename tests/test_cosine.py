@@ -283,3 +283,10 @@ def test_bank_coherence_is_scale_free_max_abs():
     assert torch.isnan(bank_coherence(torch.ones(1, 5)))
     with pytest.raises(ValueError, match=r"\[K, F\]"):
         bank_coherence(torch.ones(5))
+
+
+def test_bank_coherence_needs_features():
+    from fastdiag.ops import bank_coherence
+
+    with pytest.raises(ValueError, match=r"atoms must be a tensor of shape \[K, F\] with F >= 1"):
+        bank_coherence(torch.zeros(3, 0))

@@ -310,3 +310,11 @@ def test_no_host_sync_in_any_update():
             grouped.gradient_stats(params, snapshot=True)
             step(params)
             grouped.update_ratios(params)
+
+
+def test_integer_parameters_are_a_type_error_naming_them():
+    from fastdiag.diagnostics.params import ParamTracker
+
+    tracker = ParamTracker("router_params")
+    with pytest.raises(TypeError, match=r"router_params\['w'\] must be a floating-point parameter"):
+        tracker.check({"w": torch.zeros(3, dtype=torch.int64)})

@@ -177,3 +177,15 @@ def test_coherence_is_max_abs_cosine():
     fd.update(atoms=atoms)
     want = 0.9 / math.hypot(0.9, 0.1)
     assert fd.get_epoch_stats()["bank/coherence"] == pytest.approx(want, rel=RTOL, abs=ATOL)
+
+
+def test_bad_indices_and_atoms_are_value_or_type_errors():
+    diag = WeightDiagnostics("moe")
+    with pytest.raises(TypeError, match="indices must be an integer tensor .* got dtype torch.uint64"):
+        diag.update(indices=torch.tensor([2**63 + 5], dtype=torch.uint64), num_sets=4)
+    with pytest.raises(TypeError, match="indices must be an integer tensor"):
+        diag.update(indices=torch.tensor([1.0]), num_sets=4)
+    for atoms in (torch.zeros(0, 4), torch.zeros(3, 0), torch.zeros(2, 3, 0)):
+        with pytest.raises(ValueError, match="atoms must have shape"):
+            diag.update(atoms=atoms)
+    assert diag.get_epoch_stats() == {}  # nothing half-recorded

@@ -22,6 +22,21 @@ def check_tensor(x: Any, name: str) -> Tensor:
     return x
 
 
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_index(x: Any, name: str) -> Tensor:
+    """An index tensor: int8..int64 or uint8 (wider unsigned ids could exceed int64 and would
+    read as padding)."""
+    check_tensor(x, name)
+    if x.dtype not in INDEX_DTYPES:
+        raise TypeError(
+            f"{name} must be an integer tensor of dtype int8, int16, int32, int64 or uint8, "
+            f"got dtype {x.dtype}"
+        )
+    return x
+
+
 def check_float(x: Any, name: str) -> Tensor:
     check_tensor(x, name)
     if not x.dtype.is_floating_point:
@@ -124,4 +139,11 @@ def effective_rank_mean(clean: Tensor) -> Tensor:
     return erank.to(torch.float64).mean()
 
 
-__all__ = ["check_cosine_samples", "check_float", "check_tensor", "effective_rank_mean", "raise_flags"]
+__all__ = [
+    "check_cosine_samples",
+    "check_float",
+    "check_index",
+    "check_tensor",
+    "effective_rank_mean",
+    "raise_flags",
+]

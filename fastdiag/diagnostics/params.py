@@ -139,6 +139,10 @@ class ParamTracker:
         for n, p in params.items():
             if not isinstance(p, Tensor):
                 raise TypeError(f"{self.name}[{n!r}] must be a torch.Tensor, got {type(p).__name__}")
+            if not p.dtype.is_floating_point:
+                raise TypeError(
+                    f"{self.name}[{n!r}] must be a floating-point parameter, got dtype {p.dtype}"
+                )
             if prev is not None and n in prev and prev[n].shape != p.shape:
                 raise ValueError(
                     f"{self.name}[{n!r}] changed shape from {tuple(prev[n].shape)} "

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastdiag import ops, schema
-from fastdiag.diagnostics._base import check_float, check_tensor, raise_flags
+from fastdiag.diagnostics._base import check_float, check_index, raise_flags
 from fastdiag.diagnostics.base import Diagnostics
 from fastdiag.ops import RowSlot, summaries
 from fastdiag.ops.summaries import DIST, USAGE
@@ -89,7 +89,7 @@ class WeightDiagnostics(Diagnostics):
             if weights.dim() < 1 or weights.shape[-1] == 0:
                 raise ValueError(f"weights must have shape [..., N] with N >= 1, got {tuple(weights.shape)}")
         if indices is not None:
-            check_tensor(indices, "indices")
+            check_index(indices, "indices")
             if num_sets is None:
                 if weights is None:
                     raise ValueError("num_sets is needed with indices when weights are not given")
@@ -98,8 +98,11 @@ class WeightDiagnostics(Diagnostics):
                 raise ValueError(f"num_sets must be a positive int (not a tensor), got {num_sets!r}")
         if atoms is not None:
             check_float(atoms, "atoms")
-            if atoms.dim() < 2:
-                raise ValueError(f"atoms must have shape [K, ...] with at least 2 dims, got {tuple(atoms.shape)}")
+            if atoms.dim() < 2 or atoms.shape[0] == 0 or atoms[0].numel() == 0:
+                raise ValueError(
+                    f"atoms must have shape [K, ...] with K >= 1 atoms of at least one feature, "
+                    f"got {tuple(atoms.shape)}"
+                )
         k = self._key
         if weights is not None:
             st = ops.dist_stats(weights, from_logits=from_logits, tau=self.tau, eps=self.eps, rows=True)

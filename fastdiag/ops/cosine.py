@@ -98,9 +98,9 @@ def bank_coherence(atoms: Tensor) -> Tensor:
     The rows are normalised first (zero rows stay zero: cosine 0), so the cosine's 1e-8
     denominator term cannot depend on the atoms' scale.
     """
-    if not isinstance(atoms, Tensor) or atoms.dim() != 2:
+    if not isinstance(atoms, Tensor) or atoms.dim() != 2 or atoms.shape[1] == 0:
         shape = tuple(atoms.shape) if isinstance(atoms, Tensor) else type(atoms).__name__
-        raise ValueError(f"atoms must be a tensor of shape [K, F], got {shape}")
+        raise ValueError(f"atoms must be a tensor of shape [K, F] with F >= 1, got {shape}")
     a = atoms.detach().to(torch.float64)
     if a.shape[0] < 2:
         return torch.full((), math.nan, dtype=torch.float64, device=a.device)
