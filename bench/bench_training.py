@@ -13,6 +13,10 @@ batch 8, AdamW, MSE loss on the output (fp32, CPU by default). Variants, all in 
   health, update ratios, every step.
 * ``watch_attention`` / ``watch_gradients`` - ``watch`` with only one of its two parts.
 * ``watch_every10`` - ``watch`` sampling one step in 10 (the cost averaged over the 10 steps).
+* ``sdpa_none`` / ``sdpa_watch`` - the same shape as nanoGPT-style blocks whose attention calls
+  ``F.scaled_dot_product_attention`` (causal): plain, and under ``watch`` (q / k captured in the
+  attention module, statistics by ``ops.attention_stats``, no N x Nk weights). Their overhead is
+  over ``sdpa_none``.
 
 Rounds of ``--steps`` steps are interleaved across variants (so drifting machine load hits
 every variant alike); the median and the minimum step time per variant are reported with their
@@ -49,7 +53,36 @@ VARIANTS = (
     "watch_attention",
     "watch_gradients",
     "watch_every10",
+    "sdpa_none",
+    "sdpa_watch",
 )
+
+
+class SDPAAttention(nn.Module):
+    """nanoGPT-style attention: one qkv projection, causal ``F.scaled_dot_product_attention``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * D)
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, HEADS, D // HEADS).transpose(1, 2) for t in self.qkv(x).split(D, -1))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, n, D))
+
+
+class SDPABlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.attn = SDPAAttention()
+        self.mlp = nn.Sequential(nn.Linear(D, FFN), nn.GELU(), nn.Linear(FFN, D))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class Setup:
@@ -59,8 +92,11 @@ class Setup:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         torch.manual_seed(seed)
-        layer = nn.TransformerEncoderLayer(D, HEADS, FFN, dropout=0.0, batch_first=True)
-        self.model = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False).to(device)
+        if variant.startswith("sdpa_"):
+            self.model = nn.Sequential(*(SDPABlock() for _ in range(LAYERS))).to(device)
+        else:
+            layer = nn.TransformerEncoderLayer(D, HEADS, FFN, dropout=0.0, batch_first=True)
+            self.model = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.x = torch.randn(BATCH, SEQ, D, device=device)
         self.device = device
@@ -75,6 +111,8 @@ class Setup:
                 self.handles.append(mha.register_forward_hook(self._reference_hook(name, variant)))
             if variant == "reference":
                 self.after_backward = self._original_gradient_loop
+        elif variant == "sdpa_watch":
+            self.watch = fastdiag.watch(self.model, optimizer=self.opt)
         elif variant.startswith("watch"):
             self.watch = fastdiag.watch(
                 self.model,
@@ -149,10 +187,11 @@ def measure(rounds: int, steps: int, device: str, variants=VARIANTS) -> dict[str
 
 
 def report(times: dict[str, list[float]], device: str) -> dict:
-    base_med = statistics.median(times["none"])
-    base_min = min(times["none"])
     rows = {}
     for v, ts in times.items():
+        base = "sdpa_none" if v.startswith("sdpa_") and "sdpa_none" in times else "none"
+        base_med = statistics.median(times[base])
+        base_min = min(times[base])
         med = statistics.median(ts)
         rows[v] = {
             "median_s": med,
