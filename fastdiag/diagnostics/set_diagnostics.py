@@ -86,10 +86,6 @@ _TOKEN_KEYS = ("ausa/routing_consistency", _TOKEN_OVERFLOW, _TOKEN_MAX)
 _NF = DIST["nonfinite_rows"]
 
 
-def _split_pairs(pairs: tuple[tuple[str, int], ...]) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    return tuple(k for k, _ in pairs), tuple(i for _, i in pairs)
-
-
 # each part of an update: (its value vector's length, (key, position) pairs, position of its
 # non-finite row count or None); "embeddings" is the embedding_raw vector then the spectral one
 _PARTS: dict[str, tuple[int, tuple[tuple[str, int], ...], int | None]] = {
