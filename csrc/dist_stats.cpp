@@ -668,14 +668,21 @@ struct Problem {
 };
 
 constexpr int64_t kMaxTileRows = 32;
+#ifndef FASTDIAG_NOHEADS_TILE_LOG2
+#define FASTDIAG_NOHEADS_TILE_LOG2 12
+#endif
+constexpr int kNoHeadsTileLog2 = FASTDIAG_NOHEADS_TILE_LOG2;
 
 // Rows per tile when G > 1: the tile's rows are read head by head (head g of rows t0, t0+1, ...
 // is one contiguous run when rows are contiguous, which prefetchers stream; row by row, the G
 // heads would be G interleaved short streams, ~20% slower end to end), so each row keeps its
-// head-mean buffer of N floats for the tile: ~64k floats per thread.
-int64_t tile_rows(const Problem& P) {
-  return P.G == 1 ? 1 : std::clamp<int64_t>((int64_t{1} << 16) / (P.N + W), 1, kMaxTileRows);
+// head-mean buffer of N floats for the tile: ~64k floats per thread. Without per-head statistics
+// the head loop is only an add into those buffers, bound by their traffic: ~4k floats (L1).
+int64_t tile_rows(const Problem& P, bool heads) {
+  const int64_t floats = int64_t{1} << (heads ? 16 : kNoHeadsTileLog2);
+  return P.G == 1 ? 1 : std::clamp<int64_t>(floats / (P.N + W), 1, kMaxTileRows);
 }
+int64_t tile_rows(const Problem& P) { return tile_rows(P, P.heads); }
 
 // Per-thread buffers (bounded: about (3 + tile_rows) * N floats).
 struct Scratch {
@@ -915,7 +922,7 @@ int64_t rows_per_block(const Problem& P, int64_t width) {
   const int64_t R = P.A * P.C;
   const int64_t max_blocks = std::clamp<int64_t>((int64_t{1} << 20) / width, 16, 4096);
   int64_t rpb = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, P.G * P.N));
-  rpb = std::max(rpb, tile_rows(P));
+  rpb = std::max(rpb, tile_rows(P, true));  // the same blocks with or without heads
   return std::max(rpb, (R + max_blocks - 1) / max_blocks);
 }
 
@@ -933,8 +940,13 @@ void run_heads(const Problem& P, const typename T::raw* x, double* sums, double*
   const int64_t tasks = std::min<int64_t>(at::get_num_threads(), nblocks);
   at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
     Scratch S(P);
+    // a block's partials accumulate in this thread's own buffer, copied out when it is done:
+    // the two threads work on neighbouring blocks, whose partials share cache lines (with 16
+    // slots and no head partials, a block's whole row is two lines): false sharing per row
+    std::vector<double> acc(static_cast<size_t>(width));
     for (int64_t b; (b = next_block.fetch_add(1, std::memory_order_relaxed)) < nblocks;) {
-      double* part = parts.data() + b * width;
+      double* part = acc.data();
+      std::fill(acc.begin(), acc.end(), 0.0);
       const int64_t r1 = std::min(R, (b + 1) * rpb);
       RowPos at = RowPos::of(P, b * rpb);
       if (P.G == 1) {
@@ -946,6 +958,7 @@ void run_heads(const Problem& P, const typename T::raw* x, double* sums, double*
           for (int64_t t = 0; t < count; ++t) at = at.next(P);
         }
       }
+      std::copy(acc.begin(), acc.end(), parts.begin() + b * width);
     }
   });
   for (int64_t b = 0; b < nblocks; ++b) {  // fixed order: independent of the thread count
