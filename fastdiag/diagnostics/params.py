@@ -23,6 +23,7 @@ owner records the values).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -242,7 +243,7 @@ class ParamTracker:
     def update_ratios(self, parameters: Named) -> tuple[tuple[str, ...], Tensor] | None:
         """``update_ratio/{g}`` = ||param now - snapshot|| / ||snapshot|| per group: ``(keys,
         values)`` for the parameters of the last ``gradient_stats(..., snapshot=True)``, None
-        without one. A group whose snapshot norm is 0 gets a non-finite value (not counted)."""
+        without one. A group whose snapshot norm is 0 gets NaN: undefined, not counted."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
@@ -251,7 +252,8 @@ class ParamTracker:
         # in place: the copies are rewritten at the next snapshot, so no temporary per tensor
         torch._foreach_sub_(copies, [current[n].detach() for n in plan.names])
         delta_sq = plan.group_sum(norms(copies).square())
-        return plan.ratio_keys, delta_sq.sqrt() / before_sq.sqrt()
+        ratio = delta_sq.sqrt() / before_sq.sqrt()
+        return plan.ratio_keys, torch.where(before_sq > 0, ratio, math.nan)
 
     def _plan(self, named: Sequence[tuple[str, Tensor]], idx: tuple[int, ...]) -> _Plan:
         names = tuple(n for n, _ in named)
