@@ -394,4 +394,7 @@ def test_peak_memory_is_far_below_one_attention_map(backend):
     assert out.sums[Slot.COUNT] == 8192
     map_bytes = 8 * 8192 * 8192 * 4
     print(f"peak extra {peak / 2**20:.1f} MiB vs one map {map_bytes / 2**20:.0f} MiB")
-    assert peak < 64 * 2**20  # slabs (2 x SLAB_BYTES) + k in float32 + outputs: ~20 MiB
+    # one slab (SLAB_BYTES = 16 MiB) + a q block + outputs: measured 19 - 81 MiB from run to
+    # run (the same call; the VmHWM rise varies with the allocator's and threads' state); one
+    # map is 2 GiB, materialising scores and probabilities 4 GiB
+    assert peak < 8 * layout.SLAB_BYTES <= map_bytes / 16

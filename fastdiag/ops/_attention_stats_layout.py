@@ -26,8 +26,8 @@ SCHEMA = (
 )
 
 # torch path: one [B, Hq, block, Nk] float32 slab of probabilities at a time stays within this
-# many bytes (two such buffers: scores and probabilities), so memory is O(B * Hq * block * Nk)
-SLAB_BYTES = 4 << 20
+# many bytes (one buffer, reused; softmax in place), so memory is O(B * Hq * block * Nk)
+SLAB_BYTES = 16 << 20
 MAX_TOPK = 16
 
 # dist_stats' slots (fastdiag.ops._dist_stats.Slot / HeadSlot / RowSlot)

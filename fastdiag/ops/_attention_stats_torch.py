@@ -6,7 +6,7 @@ causal / boolean / additive mask, takes the softmax and hands the slab to the pu
 ``fastdiag.ops.dist_stats`` with ``query_offset = c0`` and the block's ``row_mask``; the
 blocks' DistStats merge in query order (sums add, except the max-reduced slots; head sums
 add; rows / top-k concatenate along the query axis). The slab stays within
-``SLAB_BYTES`` per buffer (scores and probabilities, reused across blocks), so memory is
+``SLAB_BYTES`` (one buffer, reused across blocks; softmax in place), so memory is
 O(B * Hq * block * Nk), never O(N * Nk). A row with no attendable key softmaxes to NaN and
 is counted by dist_stats as non-finite.
 """
@@ -70,8 +70,7 @@ def attention_stats_torch(
     block = query_block(b, hq, n, nk, slab_bytes)
     kt = k.to(torch.float32).reshape(b * hk, nk, d).transpose(1, 2)  # [B*Hk, d, Nk]
     flat = b * hq * block * nk
-    scores = torch.empty(flat, dtype=torch.float32, device=dev)
-    probs = torch.empty(flat, dtype=torch.float32, device=dev)
+    scores = torch.empty(flat, dtype=torch.float32, device=dev)  # the one slab, reused
     keys = torch.arange(nk, device=dev) if is_causal else None
     sums = head_sums = None
     rows_parts: list[Tensor] = []
@@ -82,7 +81,8 @@ def attention_stats_torch(
         size = b * hq * m * nk
         qc = q[:, :, c0:c1].to(torch.float32).reshape(b * hk, groups * m, d)
         s3 = scores[:size].view(b * hk, groups * m, nk)
-        torch.baddbmm(s3, qc, kt, beta=0.0, alpha=scale, out=s3)
+        torch.bmm(qc, kt, out=s3)  # (baddbmm's alpha allocates a temporary of the slab's size)
+        s3.mul_(scale)
         s4 = s3.view(b, hq, m, nk)
         if is_causal:  # top-left aligned, as SDPA: query i attends keys j <= i
             future = keys[None, :] > torch.arange(c0, c1, device=dev)[:, None]
@@ -93,8 +93,8 @@ def attention_stats_torch(
                 s4.masked_fill_(~mc, -math.inf)
             else:
                 s4.add_(mc)
-        p4 = probs[:size].view(b, hq, m, nk)
-        torch.ops.aten._softmax.out(s4, -1, False, out=p4)  # into the reused buffer
+        # softmax in place (the out= variant into another buffer allocates a temporary)
+        p4 = torch.ops.aten._softmax.out(s4, -1, False, out=s4)
         rm = None
         if row_mask is not None:
             rm = row_mask[:, c0:c1] if reduce_heads else row_mask[:, :, c0:c1]
