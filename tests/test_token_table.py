@@ -134,3 +134,18 @@ def test_update_keeps_its_two_value_form():
     assert math.isnan(value.item()) and overflow.item() == 0
     value, overflow = table.update(torch.tensor([1, 2]), torch.tensor([0, 0]))
     assert value.item() == 0.5 and value.shape == () and value.dtype == torch.float64
+
+
+@needs_cpu_op
+def test_torch_compile_fullgraph_cpu_op():
+    op = backends.table("token_table_update")["cpu"].load()
+    ids, sets = torch.randint(-1, 20, (3, 7)), torch.randint(0, 4, (3, 7))
+    compiled_state, eager_state = fresh(16), fresh(16)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda k, v, m, i, s: op(k, v, m, i, s, 1), fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        got = fn(*compiled_state, ids, sets)
+        want = op(*eager_state, ids, sets, 1)
+        torch.testing.assert_close(got, want, equal_nan=True)
+    for a, b in zip(compiled_state, eager_state, strict=True):
+        assert torch.equal(a, b)  # the in-place updates happened under compile too
