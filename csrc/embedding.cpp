@@ -50,13 +50,16 @@ void row_pass(const T* x, O* clean, int64_t m, int64_t d, double* norms, uint8_t
       for (int64_t r = b * rb; r < std::min(m, (b + 1) * rb); ++r) {
         const T* row = x + r * d;
         O* out = clean + r * d;
+        // finite row = finite norm, as the torch code decides: the squares of float32 / half
+        // values cannot overflow a float64 sum, so there it is exactly "no NaN / inf entry" (a
+        // float64 row with entries beyond ~1e154 also counts as non-finite, as in torch)
         double sq = 0.0;
-        bool finite = true;
+#pragma omp simd reduction(+ : sq)
         for (int64_t j = 0; j < d; ++j) {
           const double v = static_cast<double>(row[j]);
-          finite = finite && std::isfinite(v);
           sq += v * v;
         }
+        const bool finite = std::isfinite(sq);
         ok[r] = finite;
         norms[r] = finite ? std::sqrt(sq) : 0.0;
         if (finite) {
