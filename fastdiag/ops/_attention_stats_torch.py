@@ -79,10 +79,11 @@ def attention_stats_torch(
         c1 = min(n, c0 + block)
         m = c1 - c0
         size = b * hq * m * nk
-        qc = q[:, :, c0:c1].to(torch.float32).reshape(b * hk, groups * m, d)
+        # scale folded into the (small) query block: no extra pass over the slab; the same
+        # scores as (q @ k^T) * scale up to one rounding (exact for powers of two, e.g. d = 64)
+        qc = (q[:, :, c0:c1].to(torch.float32) * scale).reshape(b * hk, groups * m, d)
         s3 = scores[:size].view(b * hk, groups * m, nk)
         torch.bmm(qc, kt, out=s3)  # (baddbmm's alpha allocates a temporary of the slab's size)
-        s3.mul_(scale)
         s4 = s3.view(b, hq, m, nk)
         if is_causal:  # top-left aligned, as SDPA: query i attends keys j <= i
             future = keys[None, :] > torch.arange(c0, c1, device=dev)[:, None]
