@@ -12,6 +12,9 @@ torch     portable vectorised PyTorch, runs on any device
 ========  ==========================================================================
 
 The switch: ``FASTDIAG_BACKEND=auto|triton|cpu|cuda|torch`` or :func:`set_backend` (which wins).
+The environment is read once, at the first choice, and again by :func:`refresh` or
+``set_backend(None)``; every choice is then cached (an update asks for several ops: the
+choice must cost a dictionary look-up, not a read of the environment).
 
 * ``auto`` (default): the first implementation in the op's own preference order (its table's
   order, ``torch`` last) that runs on the tensor's device and dtype and is available here.
@@ -38,6 +41,7 @@ import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -76,7 +80,7 @@ def register(op: str, table: Mapping[str, Impl]) -> None:
             f"got {sorted(table)}"
         )
     _TABLES[op] = dict(table)
-    _resolve.cache_clear()
+    _forget()
 
 
 def table(op: str) -> dict[str, Impl]:
@@ -93,33 +97,71 @@ def _check(name: str) -> str:
     return name
 
 
-def set_backend(name: str | None) -> None:
-    """Force a backend for every op; None follows ``FASTDIAG_BACKEND`` again."""
-    global _backend
-    _backend = None if name is None else _check(name)
+class _Environment(NamedTuple):
+    backend: str
+    interpreting: bool
+    no_ext: bool
+    no_cuda_ext: bool
+
+
+_env: _Environment | None = None
+_impl_cache: dict[tuple[str, str, torch.dtype], Callable] = {}
+
+
+def _environment() -> _Environment:
+    global _env
+    if _env is None:
+        get = os.environ.get
+        _env = _Environment(
+            backend=_check(get("FASTDIAG_BACKEND", "auto").strip().lower() or "auto"),
+            interpreting=get("TRITON_INTERPRET", "0") == "1",
+            no_ext=get("FASTDIAG_NO_EXT", "0") == "1",
+            no_cuda_ext=get("FASTDIAG_NO_CUDA_EXT", "0") == "1",
+        )
+    return _env
+
+
+def _forget() -> None:
     _resolve.cache_clear()
+    _impl_cache.clear()
+
+
+def refresh() -> None:
+    """Read the environment again and forget every cached choice."""
+    global _env
+    _env = None
+    _forget()
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op; None follows ``FASTDIAG_BACKEND`` again (re-read)."""
+    global _backend
+    if name is None:
+        refresh()
+    _backend = None if name is None else _check(name)
+    _forget()
 
 
 def get_backend() -> str:
     """The requested backend: set_backend() wins over FASTDIAG_BACKEND, default 'auto'."""
     if _backend is not None:
         return _backend
-    return _check(os.environ.get("FASTDIAG_BACKEND", "auto").strip().lower() or "auto")
+    return _environment().backend
 
 
 def triton_interpreting() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run in Triton's interpreter (on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _environment().interpreting
 
 
 def extension_disabled() -> bool:
     """FASTDIAG_NO_EXT=1: the C++ extension is never built or loaded."""
-    return os.environ.get("FASTDIAG_NO_EXT", "0") == "1"
+    return _environment().no_ext
 
 
 def cuda_extension_disabled() -> bool:
     """FASTDIAG_NO_CUDA_EXT=1: the extension is built without its CUDA sources."""
-    return os.environ.get("FASTDIAG_NO_CUDA_EXT", "0") == "1"
+    return _environment().no_cuda_ext
 
 
 @functools.cache
@@ -218,8 +260,12 @@ def resolve(op: str, device: torch.device | str, dtype: torch.dtype) -> str:
 
 
 def implementation(op: str, device: torch.device | str, dtype: torch.dtype) -> Callable:
-    """The callable of the backend :func:`resolve` picks."""
-    return table(op)[resolve(op, device, dtype)].load()
+    """The callable of the backend :func:`resolve` picks (cached: one look-up per call)."""
+    key = (op, device.type if isinstance(device, torch.device) else torch.device(device).type, dtype)
+    fn = _impl_cache.get(key)
+    if fn is None:
+        fn = _impl_cache[key] = table(op)[resolve(op, device, dtype)].load()
+    return fn
 
 
 def summary() -> dict[str, dict[str, str]]:
@@ -243,6 +289,7 @@ __all__ = [
     "get_backend",
     "implementation",
     "load_extension",
+    "refresh",
     "register",
     "resolve",
     "set_backend",

@@ -25,6 +25,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_backend_choice():
+    """Every test starts and ends with the environment read afresh (backends caches it), so a
+    test's monkeypatched FASTDIAG_BACKEND / TRITON_INTERPRET never leaks into the next one."""
+    from fastdiag import backends
+
+    backends.refresh()
+    yield
+    backends.set_backend(None)
+
+
 @pytest.fixture
 def backend():
     """Yields a function that forces a backend for the test; restores 'auto' afterwards."""

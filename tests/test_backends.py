@@ -45,10 +45,10 @@ def ran(monkeypatch):
 
             table[name] = backends.Impl(load, impl.devices, impl.dtypes, impl.kernel)
         monkeypatch.setitem(backends._TABLES, op, table)
-    backends._resolve.cache_clear()
+    backends.refresh()
     fastdiag.set_backend(None)
     yield calls
-    backends._resolve.cache_clear()
+    backends.refresh()
 
 
 needs_ext = pytest.mark.skipif(
@@ -74,6 +74,7 @@ EXPECTED = {
 @pytest.mark.parametrize("value", list(EXPECTED))
 def test_every_op_obeys_the_switch(value, ran, monkeypatch):
     monkeypatch.setenv("FASTDIAG_BACKEND", value)
+    backends.refresh()
     _run_all()
     assert {op: ran[op] for op in OPS} == {op: [EXPECTED[value][op]] for op in OPS}
     for op in OPS:
@@ -83,12 +84,14 @@ def test_every_op_obeys_the_switch(value, ran, monkeypatch):
 @needs_interpreter
 def test_dtype_the_kernel_does_not_take_runs_torch(ran, monkeypatch):
     monkeypatch.setenv("FASTDIAG_BACKEND", "triton")
+    backends.refresh()
     ops.cosine_stats(torch.randn(5, 3, dtype=torch.float64))  # the Triton kernel is float32
     assert ran["cosine_stats"] == ["torch"]
 
 
 def test_set_backend_wins_over_the_environment(ran, monkeypatch):
     monkeypatch.setenv("FASTDIAG_BACKEND", "cpu")
+    backends.refresh()
     fastdiag.set_backend("torch")
     try:
         _run_all()
@@ -100,6 +103,7 @@ def test_set_backend_wins_over_the_environment(ran, monkeypatch):
 def test_an_explicit_backend_that_cannot_run_is_an_error(monkeypatch):
     monkeypatch.setenv("FASTDIAG_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backends.refresh()
     fastdiag.set_backend(None)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 for CPU tensors"):
         ops.dist_stats(torch.softmax(torch.randn(3, 4), -1))
@@ -107,12 +111,14 @@ def test_an_explicit_backend_that_cannot_run_is_an_error(monkeypatch):
 
 def test_unknown_values_are_rejected(monkeypatch):
     monkeypatch.setenv("FASTDIAG_BACKEND", "cudnn")
+    backends.refresh()
     fastdiag.set_backend(None)
     with pytest.raises(ValueError, match="backend must be one of"):
         backends.get_backend()
     with pytest.raises(ValueError, match="backend must be one of"):
         fastdiag.set_backend("fast")
     monkeypatch.setenv("FASTDIAG_BACKEND", "auto")
+    backends.refresh()
     with pytest.raises(ValueError, match="op must be one of"):
         backends.resolve("nope", "cpu", torch.float32)
 
