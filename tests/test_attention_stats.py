@@ -223,6 +223,26 @@ def test_large_head_dims(each_backend, d):
     check(attention_stats(q, k, topk=2, window=3), oracle(probs64(q, k), topk=2, window=3))
 
 
+def test_non_contiguous_inputs(each_backend):
+    """q / k as the [B, N, H, d] projections' transposed views, a transposed mask."""
+    q = rand(B, N, H, D, seed=22).transpose(1, 2)
+    k = rand(B, NK, H, D, seed=23).transpose(1, 2)
+    mask = (rand(NK, N, seed=24) > -1.0).t()
+    got = attention_stats(q, k, attn_mask=mask, topk=3, rows=True)
+    check(got, oracle(probs64(q, k, attn_mask=mask), topk=3))
+
+
+def test_nonfinite_query_row_is_counted_and_excluded(each_backend):
+    q = rand(B, H, N, D, seed=25)
+    k = rand(B, H, NK, D, seed=26)
+    q[1, 2, 4, 3] = math.nan  # one head's row of (b=1, i=4)
+    q[0, 0, 9, 0] = math.inf
+    got = attention_stats(q, k, topk=2, rows=True)
+    assert got.sums[Slot.NONFINITE] == 2 and got.sums[Slot.COUNT] == B * N - 2
+    assert torch.isnan(got.rows[1, 4]).all() and (got.topk[1, 4] == -1).all()
+    check(got, oracle(probs64(q, k), topk=2))
+
+
 def test_float64_inputs_run_in_float32(backend):
     backend("auto")
     q = rand(1, 2, 11, 16, seed=11).double()
