@@ -5,6 +5,8 @@
 //                 (0, 0, 1) for every infinite one (in place; NaN = undefined adds nothing)
 // dist_summary    every derived value of a dist_stats result (+ the top-k Jaccards) in one vector
 // usage_summary   counts of bank indices and every usage statistic (+ the reuse Jaccard)
+// attention_values the training integration's per-layer [entropy, sparsity, top1, effective
+//                 heads] from per-head sums
 // param_norms_    gradient norm, parameter norm and change against the previous parameters,
 //                 refreshing the previous copies in place
 #include <ATen/ATen.h>
@@ -25,7 +27,7 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // sum, count slots of dist_stats (fastdiag/ops/_dist_stats.py Slot / HeadSlot)
 constexpr int COUNT = 0, ENTROPY = 1, MAX = 3, MAX_SQ = 4, GT_TAU = 6, GT_EPS = 7, NONFINITE = 14;
-constexpr int H_ENTROPY = 0, H_GT_TAU = 2, H_NUM = 4;
+constexpr int H_ENTROPY = 0, H_MAX = 1, H_GT_TAU = 2, H_NUM = 4;
 constexpr double EFFECTIVE_HEAD_ENTROPY = 0.9;  // fastdiag.schema.EFFECTIVE_HEAD_ENTROPY
 constexpr int64_t DIST_NUM = 14, USAGE_NUM = 11;
 
@@ -300,6 +302,34 @@ at::Tensor param_norms_(at::TensorList params, at::TensorList grads, at::TensorL
 
 }  // namespace
 
+// fastdiag.ops.summaries.attention_values: means over the valid B*H*N per-head rows; a head is
+// effective when its mean entropy / log nk is below `threshold` (none at nk = 1: NaN < t is false)
+at::Tensor attention_values(const at::Tensor& sums_in, const at::Tensor& head_sums_in, int64_t nk,
+                            double threshold) {
+  auto sums = sums_in.to(at::kDouble).contiguous();
+  auto hs = head_sums_in.to(at::kDouble).contiguous();
+  TORCH_CHECK(hs.dim() == 2 && hs.size(1) == H_NUM, "head_sums: [H, 4]");
+  const double* S = sums.const_data_ptr<double>();
+  const double* P = hs.const_data_ptr<double>();
+  const int64_t heads = hs.size(0);
+  const double c = S[COUNT], rows = c * static_cast<double>(heads), dn = static_cast<double>(nk);
+  double ent = 0, gt = 0, top = 0, effective = 0;
+  for (int64_t h = 0; h < heads; ++h) {
+    ent += P[h * H_NUM + H_ENTROPY];
+    gt += P[h * H_NUM + H_GT_TAU];
+    top += P[h * H_NUM + H_MAX];
+    const double norm = nk > 1 ? (P[h * H_NUM + H_ENTROPY] / c) / std::log(dn) : kNaN;
+    effective += norm < threshold ? 1.0 : 0.0;
+  }
+  auto out = at::empty({4}, sums.options());
+  double* o = out.data_ptr<double>();
+  o[0] = ent / rows;
+  o[1] = gt / (rows * dn);
+  o[2] = top / rows;
+  o[3] = c > 0 ? effective / static_cast<double>(heads) : kNaN;
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(fastdiag, m) {
   m.def("accumulate_(Tensor(a!) state, Tensor slots, Tensor src, Tensor values) -> ()");
   m.def(
@@ -307,6 +337,7 @@ TORCH_LIBRARY_FRAGMENT(fastdiag, m) {
       "int n, bool from_heads, bool jaccard) -> (Tensor, Tensor)");
   m.def("usage_summary(Tensor indices, int num_sets, Tensor? prev_active) -> (Tensor, Tensor)");
   m.def("param_norms_(Tensor[] params, Tensor[] grads, Tensor(a!)[] prev, bool has_prev) -> Tensor");
+  m.def("attention_values(Tensor sums, Tensor head_sums, int nk, float threshold) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdiag, CPU, m) {
@@ -314,4 +345,5 @@ TORCH_LIBRARY_IMPL(fastdiag, CPU, m) {
   m.impl("dist_summary", &dist_summary);
   m.impl("usage_summary", &usage_summary);
   m.impl("param_norms_", &param_norms_);
+  m.impl("attention_values", &attention_values);
 }

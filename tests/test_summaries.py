@@ -236,3 +236,17 @@ def test_state_dict_round_trip(cls):
     e = cls() if cls is not WeightDiagnostics else WeightDiagnostics("pool")
     e.load_state_dict(d.state_dict())
     assert e.get_epoch_stats() == pytest.approx(d.get_epoch_stats(), nan_ok=True)
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("nk", [1, 2, 7])
+def test_attention_values_cpu_op_matches_torch(nk):
+    from fastdiag.ops import _summaries_torch
+
+    g = torch.Generator().manual_seed(nk)
+    x = torch.softmax(torch.randn(2, 3, 5, nk, generator=g), -1)
+    for mask in (None, torch.zeros(2, 5, dtype=torch.bool)):  # no valid row: NaN heads
+        st = ops.dist_stats(x, reduce_dim=1, tau=0.1, row_mask=mask)
+        got = summaries.attention_values(st.sums, st.head_sums, nk, 0.9)
+        want = _summaries_torch.attention_values_torch(st.sums, st.head_sums, nk, 0.9)
+        torch.testing.assert_close(got, want, equal_nan=True)

@@ -134,3 +134,25 @@ def accumulate_torch(state: Tensor, idx: Tensor, src: Tensor, values: Tensor) ->
         [torch.where(ok, values, 0.0), ok.to(values.dtype), values.isinf().to(values.dtype)], dim=1
     )
     state.index_add_(0, idx, rows)
+
+
+def attention_values_torch(sums: Tensor, head_sums: Tensor, nk: int, threshold: float) -> Tensor:
+    """[entropy, sparsity, top1, effective heads] float64 [4] of one ``dist_stats`` result
+    (``reduce_dim=1``, per-head sums ``head_sums`` [H, ...]) over Nk = ``nk`` keys.
+
+    Means over the valid B*H*N per-head rows; effective heads = share of heads whose mean
+    entropy / log Nk is below ``threshold`` (NaN when no row is valid, none when Nk = 1).
+    """
+    count = sums[Slot.COUNT]
+    heads = head_sums.shape[0]
+    rows = count * heads
+    entropy = head_sums[:, HeadSlot.ENTROPY].sum() / rows
+    sparsity = head_sums[:, HeadSlot.GT_TAU].sum() / (rows * nk)
+    top1 = head_sums[:, HeadSlot.MAX].sum() / rows
+    head_entropy = head_sums[:, HeadSlot.ENTROPY] / count
+    # Nk = 1: H / log 1 is NaN (as dist_stats documents), so no head counts as effective,
+    # the same value BaselineAttentionDiagnostics gives
+    normalised = head_entropy / math.log(nk) if nk > 1 else head_entropy * math.nan
+    effective = (normalised < threshold).double().mean()
+    effective = torch.where(count > 0, effective, torch.full_like(effective, math.nan))
+    return torch.stack([entropy, sparsity, top1, effective])

@@ -22,7 +22,6 @@ never a host synchronisation), as ``fastdiag.backends`` decides; the field layou
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +30,7 @@ from torch import Tensor
 from fastdiag import _extension, backends
 from fastdiag.ops import _summaries_layout as _layout
 from fastdiag.ops import _summaries_torch as _torch
-from fastdiag.ops._dist_stats import DistStats, HeadSlot, Slot
+from fastdiag.ops._dist_stats import DistStats
 from fastdiag.ops._summaries_layout import DIST, DIST_FIELDS, PARAM_FIELDS, USAGE, USAGE_FIELDS
 
 __all__ = [
@@ -63,6 +62,9 @@ _register("accumulate", "accumulate_", _torch.accumulate_torch, _layout.accumula
 _register("dist_summary", "dist_summary", _torch.dist_summary_torch, _layout.dist_summary_fake)
 _register("usage_summary", "usage_summary", _torch.usage_summary_torch, _layout.usage_summary_fake)
 _register("param_norms", "param_norms_", _torch.param_norms_torch, _layout.param_norms_fake)
+_register(
+    "attention_values", "attention_values", _torch.attention_values_torch, _layout.attention_values_fake
+)
 
 
 def accumulate(state: Tensor, idx: Tensor, src: Tensor, values: Tensor) -> None:
@@ -129,16 +131,5 @@ def attention_values(sums: Tensor, head_sums: Tensor, nk: int, threshold: float)
     Means over the valid B*H*N per-head rows; effective heads = share of heads whose mean
     entropy / log Nk is below ``threshold`` (NaN when no row is valid, none when Nk = 1).
     """
-    count = sums[Slot.COUNT]
-    heads = head_sums.shape[0]
-    rows = count * heads
-    entropy = head_sums[:, HeadSlot.ENTROPY].sum() / rows
-    sparsity = head_sums[:, HeadSlot.GT_TAU].sum() / (rows * nk)
-    top1 = head_sums[:, HeadSlot.MAX].sum() / rows
-    head_entropy = head_sums[:, HeadSlot.ENTROPY] / count
-    # Nk = 1: H / log 1 is NaN (as dist_stats documents), so no head counts as effective,
-    # the same value BaselineAttentionDiagnostics gives
-    normalised = head_entropy / math.log(nk) if nk > 1 else head_entropy * math.nan
-    effective = (normalised < threshold).double().mean()
-    effective = torch.where(count > 0, effective, torch.full_like(effective, math.nan))
-    return torch.stack([entropy, sparsity, top1, effective])
+    impl = backends.implementation("attention_values", sums.device, torch.float64)
+    return impl(sums, head_sums, nk, threshold)
