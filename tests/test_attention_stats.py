@@ -391,7 +391,6 @@ def _rss_kib(field: str) -> int:
     raise OSError(field)
 
 
-@pytest.mark.slow
 def test_peak_memory_is_far_below_one_attention_map(backend):
     """B=1, H=8, N=Nk=8192, d=64 on the CPU: the peak resident-set rise of one call (VmHWM reset
     through /proc/self/clear_refs, as bench/bench_dist_stats.py's peak_extra) is a small
