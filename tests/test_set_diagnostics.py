@@ -433,8 +433,8 @@ def test_index_out_of_range_is_reported_without_sync():
     fd.update(torch.tensor([[0, 1], [2, 1]]), 3)
     with forbid_host_sync():
         fd.update(torch.tensor([[0, 3], [2, -1]]), 3)  # 3 >= num_sets: flagged on device
-    with pytest.raises(ValueError, match="bank_indices must be < num_sets"):
-        fd.get_epoch_stats()
+    with pytest.warns(RuntimeWarning, match="bank_indices must be < num_sets"):
+        assert fd.get_epoch_stats()["health/indices_out_of_range"] == 0.5  # mean per update
     fd.reset()
     fd.update(torch.tensor([[0, 1], [2, -1]]), 3)
     assert fd.get_epoch_stats()["ausa/active_set_ratio"] == pytest.approx(1.0)
@@ -480,27 +480,28 @@ def test_nonfinite_rows_counted_and_excluded(backend, name):
 
 
 def test_token_table_exact_below_capacity_and_grows_above():
-    """ids < vocab_size: exact; larger ids: approximate epoch, a warning, then a bigger table."""
+    """ids < capacity (2^16 by default): exact; larger ids: approximate epoch, a warning, then a
+    bigger table (below the maximum capacity)."""
     gen = torch.Generator().manual_seed(9)
-    s = 3
-    fd = SetDiagnostics(vocab_size=8)
+    s, cap = 3, schema.DEFAULT_TOKEN_CAPACITY
+    fd = SetDiagnostics()
     ref = reference.ReferenceSetDiagnostics()
     for _ in range(3):
         idx = torch.randint(0, s, (2, 6), generator=gen)
-        tok = torch.randint(0, 8, (2, 6), generator=gen)
+        tok = torch.randint(0, 8, (2, 6), generator=gen) * (cap // 8)
         ref.update_with_router_state(idx, s, token_ids=tok)
         fd.update_with_router_state(idx, s, token_ids=tok)
     assert fd.get_epoch_stats()["ausa/routing_consistency"] == pytest.approx(
         ref.get_epoch_stats()["ausa/routing_consistency"], rel=1e-12
     )
-    big = torch.tensor([[100, 3, 108], [116, 1, 2]])  # 100, 108, 116 share slot 4 of 8
+    big = torch.tensor([[cap + 4, 3, 2 * cap + 4], [3 * cap + 4, 1, 2]])  # share slot 4 of cap
     fd.update_with_router_state(torch.zeros(2, 3, dtype=torch.long), s, token_ids=big)
-    with pytest.warns(RuntimeWarning, match="routing-consistency table capacity 8"):
+    with pytest.warns(RuntimeWarning, match=f"routing-consistency table capacity {cap}"):
         fd.get_epoch_stats()
-    assert fd._tokens.capacity == 128
+    assert fd._tokens.capacity == 4 * cap
     fd.reset()
-    # after growth the ids kept their last sets: 3 -> 0 and 116 -> 0 (the last writer of slot 4) are "seen" and consistent
-    fd.update_with_router_state(torch.zeros(1, 2, dtype=torch.long), s, token_ids=torch.tensor([[3, 116]]))
+    # after growth the ids kept their last sets: 3 -> 0 and 3 cap + 4 -> 0 (the last writer of slot 4) are "seen" and consistent
+    fd.update_with_router_state(torch.zeros(1, 2, dtype=torch.long), s, token_ids=torch.tensor([[3, 3 * cap + 4]]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fd.get_epoch_stats()["ausa/routing_consistency"] == 1.0
@@ -509,24 +510,25 @@ def test_token_table_exact_below_capacity_and_grows_above():
 def test_token_table_grows_once_per_overflow_without_reset():
     """get_epoch_stats called again without reset(): no second warning, no second growth,
     until an id beyond the grown table arrives; a resumed object keeps that state."""
-    fd = SetDiagnostics(vocab_size=8)
+    cap = schema.DEFAULT_TOKEN_CAPACITY
+    fd = SetDiagnostics()
     idx = torch.zeros(1, 3, dtype=torch.long)
-    fd.update_with_router_state(idx, 3, token_ids=torch.tensor([[1, 100, 2]]))
-    with pytest.warns(RuntimeWarning, match="capacity 8"):
+    fd.update_with_router_state(idx, 3, token_ids=torch.tensor([[1, cap + 100, 2]]))
+    with pytest.warns(RuntimeWarning, match=f"capacity {cap}"):
         fd.get_epoch_stats()
-    assert fd._tokens.capacity == 128
-    resumed = SetDiagnostics(vocab_size=8)
+    assert fd._tokens.capacity == 2 * cap
+    resumed = SetDiagnostics()
     resumed.load_state_dict(fd.state_dict())
     for diag in (fd, resumed):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             diag.get_epoch_stats()
             diag.get_epoch_stats()
-        assert diag._tokens.capacity == 128
-    fd.update_with_router_state(idx, 3, token_ids=torch.tensor([[1, 1000, 2]]))
-    with pytest.warns(RuntimeWarning, match="capacity 128"):
+        assert diag._tokens.capacity == 2 * cap
+    fd.update_with_router_state(idx, 3, token_ids=torch.tensor([[1, 10 * cap, 2]]))
+    with pytest.warns(RuntimeWarning, match=f"capacity {2 * cap}"):
         fd.get_epoch_stats()
-    assert fd._tokens.capacity == 1024
+    assert fd._tokens.capacity == 16 * cap
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -548,3 +550,130 @@ def test_exact_cosine_over_all_rows(backend, name):
     assert got["ausa/set_cosine_similarity_max"] == pytest.approx(float(off.max()), rel=RTOL, abs=ATOL)
     with pytest.raises(ValueError, match="cosine_samples"):
         SetDiagnostics(cosine_samples=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# reliability (cases 5 - 9 of the reliability issue)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_huge_token_id_never_sizes_the_table(monkeypatch):
+    """Case 5: one id 2^31 - 1 makes no allocation beyond the documented maximum capacity: the
+    epoch's stats come back (and again), routing_consistency approximate, one warning, the
+    overflow counted in ``health/token_table_overflow``."""
+    from fastdiag.ops import token_table
+
+    MAX_TOKEN_CAPACITY = getattr(token_table, "MAX_TOKEN_CAPACITY", 1 << 22)  # the documented bound
+    real_full = torch.full
+
+    def guarded_full(size, *args, **kwargs):
+        numel = math.prod(size) if isinstance(size, (tuple, list, torch.Size)) else size
+        assert numel <= MAX_TOKEN_CAPACITY + 1, f"allocation of {numel} entries driven by a token id"
+        return real_full(size, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "full", guarded_full)
+    fd = SetDiagnostics()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    fd.update_with_router_state(idx, 2, token_ids=torch.tensor([[1, 2**31 - 1, 2]]))
+    with pytest.warns(RuntimeWarning, match="maximum"):
+        got = fd.get_epoch_stats()
+    assert got["health/token_table_overflow"] == 1.0
+    assert fd._tokens.capacity <= MAX_TOKEN_CAPACITY
+    with warnings.catch_warnings():  # one warning per object, every later call works
+        warnings.simplefilter("error")
+        fd.update_with_router_state(idx, 2, token_ids=torch.tensor([[1, 2**31 - 1, 2]]))
+        again = fd.get_epoch_stats()
+    assert again["ausa/routing_consistency"] == 1.0  # the huge id hashed into the bounded table
+    assert again["health/token_table_overflow"] == 1.0  # mean per update
+
+
+def test_vocab_size_bounds_the_table_exactly_below_it():
+    """Case 5 with vocab_size: the table never grows past vocab_size; ids >= vocab_size are
+    hashed and counted (approximate value, one warning)."""
+    fd = SetDiagnostics(vocab_size=8)
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    fd.update_with_router_state(idx, 3, token_ids=torch.tensor([[1, 100, 2]]))
+    with pytest.warns(RuntimeWarning, match="vocab_size=8"):
+        got = fd.get_epoch_stats()
+    assert fd._tokens.capacity == 8
+    assert got["health/token_table_overflow"] == 1.0
+
+
+def test_out_of_range_batch_does_not_lock_the_epoch():
+    """Case 6: one batch of 100 holding bank_indices == num_sets: the stats come back, the
+    entry is excluded and reported (a key and a warning at every get_epoch_stats)."""
+    gen = torch.Generator().manual_seed(11)
+    fd, clean = SetDiagnostics(), SetDiagnostics()
+    for i in range(100):
+        idx = torch.randint(0, 4, (2, 6), generator=gen)
+        clean.update(idx.clone(), 4)
+        if i == 50:
+            idx[0, 0] = 4
+        fd.update(idx, 4)
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="bank_indices"):
+            got = fd.get_epoch_stats()
+        assert got["health/indices_out_of_range"] == pytest.approx(1 / 100)
+        assert got["ausa/routing_entropy"] == pytest.approx(clean.get_epoch_stats()["ausa/routing_entropy"], rel=1e-2)
+    fd.reset()
+    fd.update(torch.tensor([[0, 1], [2, -1]]), 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "health/indices_out_of_range" not in fd.get_epoch_stats()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name, got",
+    [
+        (dict(router_probs=torch.rand(5, 7, 4).softmax(-1)), "router_probs", "(5, 7, 4)"),
+        (dict(router_probs=torch.rand(4).softmax(-1)), "router_probs", "(4,)"),
+        (dict(router_logits=torch.rand(2, 5, 4)), "router_logits", "(2, 5, 4)"),
+        (dict(set_embeddings=torch.rand(2, 7, 8)), "set_embeddings", "(2, 7, 8)"),
+        (dict(set_embeddings=torch.rand(3, 4, 8)), "set_embeddings", "(3, 4, 8)"),
+        (dict(set_attention_weights=torch.rand(2, 6, 5).softmax(-1)), "set_attention_weights", "(2, 6, 5)"),
+        (dict(set_attention_weights=torch.rand(6, 4).softmax(-1)), "set_attention_weights", "(6, 4)"),
+        (dict(token_ids=torch.zeros(2, 5, dtype=torch.long)), "token_ids", "(2, 5)"),
+    ],
+)
+def test_mismatched_input_shapes_are_named(kwargs, name, got):
+    """Case 7: every input's B, N checked against bank_indices [B, N] and S against num_sets; the
+    ValueError names the argument and both shapes."""
+    fd = SetDiagnostics()
+    with pytest.raises(ValueError, match=f"^{name} must have shape") as err:
+        fd.update_with_router_state(torch.zeros(2, 6, dtype=torch.long), 4, **kwargs)
+    message = str(err.value)
+    assert f"got {got}" in message and "bank_indices of shape (2, 6)" in message and "num_sets=4" in message
+    assert fd.get_epoch_stats() == {}
+
+
+def test_logits_passed_as_router_probs_warn_once():
+    """Case 8: rows that do not sum to 1 warn once per object at get_epoch_stats (no sync in
+    update); router_logits / proper probabilities do not."""
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 6, 4, generator=gen) * 3
+    idx = logits.argmax(-1)
+    fd = SetDiagnostics()
+    with forbid_host_sync():
+        fd.update_with_router_state(idx, 4, router_probs=logits, set_attention_weights=logits.softmax(-1))
+    with pytest.warns(RuntimeWarning, match=r"router_probs rows do not sum to 1 \(mean \|sum-1\| = .*router_logits="):
+        got = fd.get_epoch_stats()
+    assert not any(k.startswith("_") for k in got)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fd.get_epoch_stats()  # once per object
+        ok = SetDiagnostics()
+        ok.update_with_router_state(idx, 4, router_logits=logits, set_attention_weights=logits.softmax(-1))
+        ok.update_with_router_state(idx, 4, router_probs=logits.softmax(-1))
+        ok.get_epoch_stats()
+    att = SetDiagnostics()
+    att.update_with_router_state(idx, 4, set_attention_weights=logits)
+    with pytest.warns(RuntimeWarning, match="set_attention_weights rows do not sum to 1"):
+        att.get_epoch_stats()
+
+
+def test_empty_embedding_dimension_is_named():
+    """Case 9: D = 0 set embeddings are a ValueError naming the argument."""
+    fd = SetDiagnostics()
+    with pytest.raises(ValueError, match=r"set_embeddings .*D >= 1.*\(2, 4, 0\)"):
+        fd.update_with_router_state(torch.zeros(2, 6, dtype=torch.long), 4, set_embeddings=torch.rand(2, 4, 0))
+    assert fd.get_epoch_stats() == {}

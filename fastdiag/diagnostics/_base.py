@@ -4,6 +4,7 @@ norms are :class:`fastdiag.diagnostics.params.ParamTracker`."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +51,45 @@ def raise_flags(raw: Mapping[str, float], messages: Mapping[str, str]) -> None:
         value = raw.get(key, 0.0)
         if value > 0:
             raise ValueError(message)
+
+
+def report_flags(raw: Mapping[str, float], flags: Mapping[str, tuple[str, str]]) -> dict[str, float]:
+    """The epoch's error counts, reported instead of raised: for each internal flag (a mean count
+    per update) > 0 this epoch, one RuntimeWarning (``message`` formatted with ``{value}``) and the
+    entry ``public key -> value`` of the returned dict. ``flags``: internal key -> (public key,
+    message). The statistics of the other entries stay readable (an excluded entry is counted,
+    not fatal)."""
+    out: dict[str, float] = {}
+    for key, (public, message) in flags.items():
+        value = raw.get(key, 0.0)
+        if value > 0:
+            out[public] = value
+            warnings.warn(message.format(value=value), RuntimeWarning, stacklevel=4)
+    return out
+
+
+ROWSUM_TOLERANCE = 1e-3  # mean |row sum - 1| above which probabilities are reported as not normalised
+
+
+def rowsum_warnings(
+    raw: Mapping[str, float], inputs: Mapping[str, tuple[str, str, str]], warned: set[str]
+) -> None:
+    """Warn (once per object: ``warned`` holds the names already reported) for each input whose
+    mean |row sum - 1| this epoch is > ``ROWSUM_TOLERANCE``. ``inputs``: argument name ->
+    (internal key of the summed row-sum error, internal key of the row count, hint). Both keys
+    are means per update over the same updates, so their ratio is the mean over the rows."""
+    for name, (err_key, rows_key, hint) in inputs.items():
+        if name in warned:
+            continue
+        err, rows = raw.get(err_key, 0.0), raw.get(rows_key, 0.0)
+        if rows > 0 and err / rows > ROWSUM_TOLERANCE:
+            warned.add(name)
+            warnings.warn(
+                f"{name} rows do not sum to 1 (mean |sum-1| = {err / rows:.3g}){hint}; "
+                "the statistics that assume probabilities are not meaningful",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 class _ParamTracker:
@@ -140,10 +180,13 @@ def effective_rank_mean(clean: Tensor) -> Tensor:
 
 
 __all__ = [
+    "ROWSUM_TOLERANCE",
     "check_cosine_samples",
     "check_float",
     "check_index",
     "check_tensor",
     "effective_rank_mean",
     "raise_flags",
+    "report_flags",
+    "rowsum_warnings",
 ]

@@ -27,19 +27,27 @@ from fastdiag.diagnostics._base import (
     check_cosine_samples,
     check_float,
     check_tensor,
-    raise_flags,
+    report_flags,
+    rowsum_warnings,
 )
 from fastdiag.diagnostics.base import Diagnostics
-from fastdiag.ops import summaries
+from fastdiag.ops import Slot, summaries
 from fastdiag.ops.embedding import EMBEDDING_FIELDS, embedding_raw
 from fastdiag.ops.spectral import NUM_STATS, spectral_raw
 from fastdiag.ops.summaries import DIST, USAGE
-from fastdiag.ops.token_table import TokenTable
+from fastdiag.ops.token_table import MAX_TOKEN_CAPACITY, TokenTable
 from fastdiag.schema import COSINE_SAMPLES, DEFAULT_TOKEN_CAPACITY, NONFINITE_ROWS, SET_DELTAS
 
 _OUT_OF_RANGE = "_error/bank_indices_out_of_range"
 _TOKEN_OVERFLOW = "_token_table/overflow"
 _TOKEN_MAX = "_token_table/max_id"
+OUT_OF_RANGE_KEY = "health/indices_out_of_range"  # mean number per update of bank_indices >= num_sets
+TOKEN_OVERFLOW_KEY = "health/token_table_overflow"  # mean number per update of token ids >= capacity
+# internal row-sum checks (sum of |row sum - 1| and number of rows, both means per update)
+_ROWSUM = {
+    "router_probs": ("_rowsum/router_probs", "_rows/router_probs", ": pass router_logits= for logits"),
+    "set_attention_weights": ("_rowsum/set_attention_weights", "_rows/set_attention_weights", ""),
+}
 _TokenTable = TokenTable  # the old private name
 
 # (key, field) of each part's summary vector
@@ -104,6 +112,11 @@ _PARTS: dict[str, tuple[int, tuple[tuple[str, int], ...], int | None]] = {
     ),
     "set_attention": (len(DIST), _SET_ATTENTION, _NF),
     "params": (len(_PARAM_KEYS), tuple((k, i) for i, k in enumerate(_PARAM_KEYS)), None),
+    # the dist_stats sums of router_probs / set_attention_weights: row-sum error and row count
+    **{
+        f"rowsum:{name}": (Slot.NUM, ((err, Slot.ROWSUM_ERR), (rows, Slot.COUNT)), None)
+        for name, (err, rows, _) in _ROWSUM.items()
+    },
 }
 
 
@@ -140,14 +153,21 @@ def _layout(kinds: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[int, ...], t
 class SetDiagnostics(Diagnostics):
     """Set-routing diagnostics (``ausa/`` keys of ``fastdiag.schema.SET_DIAGNOSTICS``).
 
-    vocab_size: size of the routing-consistency token table (ids must be < vocab_size for an
-                exact value from the first epoch; default 2^16, grown at epoch end if exceeded).
+    vocab_size: size of the routing-consistency token table, and its maximum: ids < vocab_size
+                give the exact value; ids >= vocab_size are hashed into the table (approximate
+                value, one warning per object) and counted in ``health/token_table_overflow``.
+                Default None: 2^16 slots, grown at an epoch end that saw a larger id up to
+                ``fastdiag.ops.token_table.MAX_TOKEN_CAPACITY`` (2^22) slots, never beyond (a
+                token id never sizes an allocation); larger ids are hashed and counted the same way.
     cosine_samples: rows drawn for ``set_cosine_similarity_mean`` / ``_max`` (the original class: 100);
                 None = exact over all B*S rows (exact; blockwise op).
 
     ``get_epoch_stats`` also returns ``health/nonfinite_rows``: the mean number per update of
     rows of ``router_probs`` / ``router_logits`` / ``set_attention_weights`` / ``set_embeddings``
-    holding NaN or inf (those rows are excluded from every other value).
+    holding NaN or inf (those rows are excluded from every other value); and, only when > 0,
+    ``health/indices_out_of_range`` (mean number per update of ``bank_indices`` entries >=
+    num_sets, excluded, with a warning at every call) and ``health/token_table_overflow`` (mean
+    number per update of token ids beyond the table's capacity).
     """
 
     def __init__(self, *, vocab_size: int | None = None, cosine_samples: int | None = COSINE_SAMPLES) -> None:
@@ -161,6 +181,10 @@ class SetDiagnostics(Diagnostics):
         self.add_state("_prev_active", None)
         self.add_state("_token_updates", 0)  # updates with token_ids since reset()
         self.add_state("_token_grown", False)  # the token table grew for this epoch's overflow
+        self._vocab_size = vocab_size
+        self._token_limit = vocab_size or MAX_TOKEN_CAPACITY  # the table's maximum capacity
+        self._token_capped = False  # the table-at-its-maximum warning was given (once per object)
+        self._rowsum_warned: set[str] = set()  # the row-sum warnings given (once per object)
         self._constants: dict[tuple[Any, ...], Tensor] = {}  # small device constants, cached
 
     def metric_keys(self) -> tuple[str, ...]:
@@ -224,6 +248,9 @@ class SetDiagnostics(Diagnostics):
             )
             parts.append(summaries.dist_summary(st, s_count)[0])
             kinds.append("router")
+            if router_logits is None:  # probabilities: their row-sum error is checked at the epoch end
+                parts.append(st.sums)
+                kinds.append("rowsum:router_probs")
             top1 = st.topk  # [B, N, 1]: the token table reads the first choice
         if token_ids is not None:
             if top1 is None:
@@ -245,10 +272,10 @@ class SetDiagnostics(Diagnostics):
             kinds.append("embeddings")
 
         if set_attention_weights is not None:
-            parts.append(
-                summaries.dist_summary(ops.dist_stats(set_attention_weights), set_attention_weights.shape[-1])[0]
-            )
-            kinds.append("set_attention")
+            st = ops.dist_stats(set_attention_weights)
+            parts.append(summaries.dist_summary(st, set_attention_weights.shape[-1])[0])
+            parts.append(st.sums)
+            kinds.extend(("set_attention", "rowsum:set_attention_weights"))
 
         if router_params is not None:
             parts.append(self._params.update_values(router_params))
@@ -260,6 +287,14 @@ class SetDiagnostics(Diagnostics):
             index = self._cached((nonfinite, values.device), _index)
             self._add((NONFINITE_ROWS,), values.index_select(0, index).sum(0, keepdim=True))
         self._add(names, values, positions)
+
+    def _capped_message(self) -> str:
+        limit = self._token_limit
+        bound = f"vocab_size={limit}" if self._vocab_size is not None else f"the maximum capacity {limit}"
+        return (
+            f"ids >= {bound} of the routing-consistency table are hashed into it (routing_consistency "
+            f"is approximate), counted in {TOKEN_OVERFLOW_KEY}"
+        )
 
     def _cached(self, key: tuple[Any, ...], make: Any) -> Tensor:
         """The device constant ``make(*key)``, made once per key."""
@@ -288,38 +323,41 @@ class SetDiagnostics(Diagnostics):
             raise ValueError(
                 f"bank_indices must have shape [B, N] or [B, N, k], got {tuple(bank_indices.shape)}"
             )
+        b, n = bank_indices.shape[:2]
+        against = f"to match bank_indices of shape {tuple(bank_indices.shape)} and num_sets={num_sets}"
+
+        def check_routing(x: Tensor, name: str) -> None:
+            if tuple(x.shape) != (b, n, num_sets):
+                raise ValueError(
+                    f"{name} must have shape [B, N, num_sets] = {(b, n, int(num_sets))} {against}, "
+                    f"got {tuple(x.shape)}"
+                )
+
         if router_probs is not None and router_logits is not None:
             raise ValueError("pass router_probs or router_logits, not both")
         probs = router_probs if router_probs is not None else router_logits
         name = "router_probs" if router_probs is not None else "router_logits"
         if probs is not None:
             check_float(probs, name)
-            if probs.dim() < 1 or probs.shape[-1] != num_sets:
-                raise ValueError(
-                    f"{name} must have shape [B, N, num_sets={num_sets}] (last axis = num_sets), "
-                    f"got {tuple(probs.shape)}"
-                )
+            check_routing(probs, name)
         if set_embeddings is not None:
             check_float(set_embeddings, "set_embeddings")
-            if set_embeddings.dim() != 3:
+            shape = tuple(set_embeddings.shape)
+            if len(shape) != 3 or shape[:2] != (b, num_sets) or shape[2] == 0:
                 raise ValueError(
-                    f"set_embeddings must have shape [B, S, D] (3-D), got {tuple(set_embeddings.shape)}"
+                    f"set_embeddings must have shape [B, num_sets, D] = {(b, int(num_sets))} + (D,) "
+                    f"with D >= 1 {against}, got {shape}"
                 )
         if set_attention_weights is not None:
             check_float(set_attention_weights, "set_attention_weights")
-            if set_attention_weights.dim() < 1 or set_attention_weights.shape[-1] == 0:
-                raise ValueError(
-                    f"set_attention_weights must have shape [B, N, S] with S >= 1, "
-                    f"got {tuple(set_attention_weights.shape)}"
-                )
+            check_routing(set_attention_weights, "set_attention_weights")
         if token_ids is not None:
             check_tensor(token_ids, "token_ids")
             if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
                 raise TypeError(f"token_ids must be an integer tensor, got dtype {token_ids.dtype}")
-            routing = tuple(probs.shape[:-1]) if probs is not None else tuple(bank_indices.shape[:2])
-            if tuple(token_ids.shape) != routing:
+            if tuple(token_ids.shape) != (b, n):
                 raise ValueError(
-                    f"token_ids must have shape {routing} (the [B, N] of the routing), "
+                    f"token_ids must have shape [B, N] = {(b, n)} (the [B, N] of the routing) {against}, "
                     f"got {tuple(token_ids.shape)}"
                 )
         return probs
@@ -333,36 +371,55 @@ class SetDiagnostics(Diagnostics):
         (``routing_consistency``) and the previous router parameters (``router_weight_change``):
         each rank's batch values use its own.
         Also advances the ``delta_*`` epoch (one call = one epoch, as the original class).
-        Raises ValueError if ``bank_indices`` held an entry >= num_sets since ``reset()``.
+        Entries of ``bank_indices`` >= num_sets since ``reset()`` were excluded: they are
+        reported in ``health/indices_out_of_range`` (mean number per update) and a RuntimeWarning
+        at every call, the other statistics are returned. Rows of ``router_probs`` /
+        ``set_attention_weights`` not summing to 1 (mean |sum - 1| > 1e-3: logits passed as
+        probabilities) give one RuntimeWarning per object.
         """
         return super().get_epoch_stats(sync_dist, process_group)
 
     def _epoch_values(self, raw: dict[str, float]) -> dict[str, float]:
         """Error flags, token-table growth and the ``delta_*`` keys from the epoch means."""
         tokens = self._tokens
-        raise_flags(
+        health = report_flags(
             raw,
-            {_OUT_OF_RANGE: "bank_indices must be < num_sets (or < 0 for padding); an update of "
-             "this epoch held an entry >= num_sets (those entries were not counted)"},
+            {_OUT_OF_RANGE: (
+                OUT_OF_RANGE_KEY,
+                "bank_indices must be < num_sets (or < 0 for padding): this epoch's updates held "
+                "{value:.4g} entries >= num_sets per update (mean); they were excluded from every "
+                f"statistic and are reported in {OUT_OF_RANGE_KEY}",
+            )},
         )
+        rowsum_warnings(raw, _ROWSUM, self._rowsum_warned)
         max_id = raw.get(_TOKEN_MAX, 0.0)
+        overflow = raw.get(_TOKEN_OVERFLOW, 0.0)
+        if overflow > 0:
+            health[TOKEN_OVERFLOW_KEY] = overflow
         # the overflow count stays in the sums until reset(): grow once for it, then again only
-        # for an id beyond the grown table (not at every call of an epoch that is not reset)
-        if raw.get(_TOKEN_OVERFLOW, 0.0) > 0 and (not self._token_grown or max_id >= tokens.capacity):
+        # for an id beyond the grown table (not at every call of an epoch that is not reset);
+        # never beyond the maximum capacity (vocab_size, or MAX_TOKEN_CAPACITY)
+        limit = self._token_limit
+        if overflow > 0 and tokens.capacity < limit and (not self._token_grown or max_id >= tokens.capacity):
             self._token_grown = True
             old = tokens.capacity
-            tokens.grow(int(max_id) if math.isfinite(max_id) else 0)
-            warnings.warn(
+            tokens.grow(int(max_id) if math.isfinite(max_id) else 0, limit)
+            message = (
                 f"token_ids reached {int(max_id)} >= the routing-consistency table capacity {old}: "
                 f"routing_consistency was approximate this epoch; the table now holds "
-                f"{tokens.capacity} ids (pass SetDiagnostics(vocab_size=...) to size it up front)",
-                RuntimeWarning,
-                stacklevel=4,
+                f"{tokens.capacity} ids (pass SetDiagnostics(vocab_size=...) to size it up front)"
             )
+            if max_id >= tokens.capacity:  # beyond the maximum as well: one warning says both
+                self._token_capped = True
+                message += f"; {self._capped_message()}"
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+        elif overflow > 0 and tokens.capacity >= limit and max_id >= tokens.capacity and not self._token_capped:
+            self._token_capped = True
+            warnings.warn(f"token_ids reached {int(max_id)}: {self._capped_message()}", RuntimeWarning, stacklevel=4)
         keys = self.metric_keys()
         out = {k: raw[k] for k in keys if k in self._provided and k in raw}
         for delta_key, base_key in SET_DELTAS.items():
             if base_key in out:
                 out[delta_key] = out[base_key] - self._prev_epoch.get(base_key, math.nan)
         self._prev_epoch = {base: out[base] for base in SET_DELTAS.values() if base in out}
-        return {k: out[k] for k in keys if k in out}  # the deltas in catalogue order
+        return {**{k: out[k] for k in keys if k in out}, **health}  # the deltas in catalogue order

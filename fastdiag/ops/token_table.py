@@ -20,7 +20,11 @@ from torch import Tensor
 
 from fastdiag import _extension, backends
 
-__all__ = ["TokenTable", "token_table_update_torch"]
+__all__ = ["MAX_TOKEN_CAPACITY", "TokenTable", "token_table_update_torch"]
+
+# the most slots :meth:`TokenTable.grow` makes (2^22: two int64 tables of 32 MiB); larger ids are
+# hashed (slot = id % capacity) and counted, never sized for
+MAX_TOKEN_CAPACITY = 1 << 22
 
 
 def _fake(keys: Tensor, vals: Tensor, max_id: Tensor, ids: Tensor, sets: Tensor, step: int) -> Tensor:
@@ -88,7 +92,8 @@ class TokenTable:
     slot (then counted as unseen: the value is approximate for that epoch); such ids are
     counted on device, and at ``get_epoch_stats`` (which reads them in its one host copy) the
     table grows to the next power of two above the largest id seen, rehashed on device, with a
-    warning. Every token of a batch is looked up in the table as it was before the batch; ties
+    warning, up to ``MAX_TOKEN_CAPACITY`` slots (or the caller's bound): larger ids stay hashed
+    (approximate, counted), so no id sizes an allocation. Every token of a batch is looked up in the table as it was before the batch; ties
     in one batch: the last occurrence in flat order wins, as in the reference (the C++ op
     writes sequentially in flat order; the torch code's scatter-max of positions picks one
     writer per slot, so its writes never race).
@@ -136,11 +141,16 @@ class TokenTable:
             return impl(self.keys, self.vals, self.max_id, token_ids, top1, step, self.last)
         return impl(self.keys, self.vals, self.max_id, token_ids, top1, step)
 
-    def grow(self, max_id: int) -> None:
-        """Rehash into a capacity above ``max_id`` (a power of two, at least double)."""
+    def grow(self, max_id: int, max_capacity: int = MAX_TOKEN_CAPACITY) -> None:
+        """Rehash into a capacity above ``max_id`` (a power of two, at least double), but never
+        more than ``max_capacity`` slots (and never fewer than now): an id never sizes an
+        allocation beyond the bound."""
         if self.keys is None:
             return
-        new_cap = max(2 * self.capacity, 1 << max(0, int(max_id)).bit_length())
+        want = max(2 * self.capacity, 1 << min(max(0, int(max_id)).bit_length(), 62))
+        new_cap = max(self.capacity, min(want, int(max_capacity)))
+        if new_cap == self.capacity:
+            return
         keys, vals = self.keys[:-1], self.vals[:-1]
         dev = keys.device
         nk = torch.full((new_cap + 1,), -1, dtype=torch.int64, device=dev)
