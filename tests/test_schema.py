@@ -29,6 +29,8 @@ FAILURES = {
     "collapsed sets",
     "peaked routing",
     "unstable router",
+    "load imbalance",
+    "dead experts",
 }
 
 HEALTHY_SET = {
@@ -70,7 +72,9 @@ def test_key_lists():
 def test_rules_cover_named_failures_and_known_keys():
     assert {r.failure for r in RULES} == FAILURES
     names = {k.split("/", 1)[1] for k in SET_DIAGNOSTICS + BASELINE_DIAGNOSTICS}
-    assert {r.key.removeprefix("nonfinite/") for r in RULES} <= names
+    fixed = {r.key.removeprefix("nonfinite/") for r in RULES if not r.key.endswith("/*")}
+    assert fixed - {"nan_infs"} <= names
+    assert all(r.severity in schema.SEVERITIES for r in RULES)
     with pytest.raises(dataclasses.FrozenInstanceError):
         RULES[0].low = 0.0  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -190,3 +194,81 @@ def test_comparison_table():
         assert baseline_key in BASELINE_DIAGNOSTICS, label
         assert set_key in SET_DIAGNOSTICS, label
         assert interpretation
+
+
+def test_severities():
+    by_failure = {}
+    for rule in RULES:
+        by_failure.setdefault(rule.failure, set()).add(rule.severity)
+    assert by_failure["frozen router"] == {"critical"}
+    assert by_failure["exploding gradient"] == {"critical"}
+    assert by_failure["uncertain routing"] == {"warning"}
+    out = verdicts({"ausa/router_weight_change": 0.0, "ausa/router_confidence_mean": 0.1})
+    assert {(v.failure, v.severity) for v in out} == {
+        ("frozen router", "critical"),
+        ("uncertain routing", "warning"),
+    }
+    assert Verdict("k", 1.0, "f", "m").severity == "warning"  # old constructor still works
+
+
+def test_top1_relative_to_chance():
+    # causal rows: row i has i + 1 keys, uniform top-1 1 / (i + 1), mean H_n / n
+    assert schema.causal_top1_chance(1) == 1.0
+    assert schema.causal_top1_chance(4) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    with pytest.raises(ValueError, match="n must"):
+        schema.causal_top1_chance(0)
+    chance = schema.causal_top1_chance(48)  # ~0.093
+    key = "baseline/attention_top1_mean"
+    assert schema.chance_key(key) == key + "_chance"
+    # 0.15 is below the absolute 0.2 but 1.6x chance: not uncertain once the companion is known
+    assert [v.failure for v in verdicts({key: 0.15})] == ["uncertain routing"]
+    assert verdicts({key: 0.15, key + "_chance": chance}) == []
+    out = verdicts({key: 0.12, key + "_chance": chance})  # 1.3x chance
+    assert [v.failure for v in out] == ["uncertain routing"] and "chance" in out[0].message
+    # the overconfidence side stays absolute
+    assert [v.failure for v in verdicts({key: 0.97, key + "_chance": chance})] == ["overconfidence"]
+
+
+def test_per_layer_rules_one_verdict_per_layer():
+    stats = {
+        "attention_top1/layers.0.attn": 0.99,
+        "attention_top1/layers.1.attn": 0.4,
+        "attention_top1_chance/layers.1.attn": 0.1,
+        "attention_top1/layers.2.attn": 0.12,
+        "attention_top1_chance/layers.2.attn": 0.1,
+        "attention_entropy/layers.0.attn": 0.01,
+        "attention_entropy/layers.1.attn": 2.0,
+        "grad_norm/layers.0": 0.0,
+        "grad_norm/layers.1": 0.5,
+        "grad_norm/layers.2": 1e4,
+        "param_norm/layers.0": 0.0,  # no rule
+        "update_ratio/layers.0": 0.0,
+        "health/nan_infs": 3.0,
+        "health/nan_infs/layers.2": 3.0,
+        "health/nonfinite/grad_norm/layers.2": 1.0,
+        "moe/router_top1/block.3": 0.97,
+        "router_entropy_norm/block.3": 0.05,
+        "router_entropy_norm/block.4": 0.6,
+        "expert_load_gini/block.3": 0.8,
+        "expert_active_ratio/block.3": 0.25,
+        "expert_active_ratio/block.4": 1.0,
+    }
+    found = {(v.key, v.failure) for v in verdicts(stats)}
+    assert found == {
+        ("attention_top1/layers.0.attn", "overconfidence"),
+        ("attention_top1/layers.2.attn", "uncertain routing"),
+        ("attention_entropy/layers.0.attn", "peaked routing"),
+        ("grad_norm/layers.0", "vanishing gradient"),
+        ("grad_norm/layers.2", "exploding gradient"),
+        ("update_ratio/layers.0", "frozen router"),
+        ("health/nan_infs", "exploding gradient"),
+        ("health/nan_infs/layers.2", "exploding gradient"),
+        ("health/nonfinite/grad_norm/layers.2", "exploding gradient"),
+        ("moe/router_top1/block.3", "overconfidence"),
+        ("router_entropy_norm/block.3", "peaked routing"),
+        ("expert_load_gini/block.3", "load imbalance"),
+        ("expert_active_ratio/block.3", "dead experts"),
+    }
+    # without a chance companion a per-layer top-1 has no "uncertain" verdict
+    assert verdicts({"attention_top1/layers.0": 0.01}) == []
+    assert schema.chance_key("moe/router_top1/b.3", "router_top1/*") == "moe/router_top1_chance/b.3"
