@@ -261,6 +261,8 @@ def resolve(op: str, device: torch.device | str, dtype: torch.dtype) -> str:
 
 def implementation(op: str, device: torch.device | str, dtype: torch.dtype) -> Callable:
     """The callable of the backend :func:`resolve` picks (cached: one look-up per call)."""
+    if torch.compiler.is_compiling():  # traced: no guard on the cache's contents
+        return table(op)[resolve(op, device, dtype)].load()
     key = (op, device.type if isinstance(device, torch.device) else torch.device(device).type, dtype)
     fn = _impl_cache.get(key)
     if fn is None:
