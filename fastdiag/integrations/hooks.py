@@ -5,8 +5,9 @@ while the user's own training loop runs.
 modules: class name ending in ``Attention``, modules given to
 :func:`~fastdiag.integrations.registry.register_attention`) and the probes of
 :func:`~fastdiag.integrations.registry.probe`, hooks them, and reads gradient health at the
-optimizer's step pre-hook (or when the backward of a sampled forward ends) and update ratios at
-its post-hook. A Hugging Face style module that returns its weights (eager attention) is read
+optimizer's step pre-hook (or when the backward of a sampled forward ends, or when an
+integration calls ``Watch.record_gradients``: ``gradients_at``) and update ratios at its
+post-hook. A Hugging Face style module that returns its weights (eager attention) is read
 from them; one that does not is read from its ``scaled_dot_product_attention`` calls: an
 :class:`~fastdiag.integrations.sdpa.SDPACapture` mode entered in its forward pre-hook and left
 in its forward hook (``always_call``) sees them, runs them unchanged and keeps q and k for
@@ -62,6 +63,42 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+_OPTIMIZER_WRAPPER_ATTRS = ("optimizer", "_optimizer")
+
+
+def _has_step_hooks(obj: Any) -> bool:
+    """Whether ``obj`` can take step hooks: a ``torch.optim.Optimizer`` whose ``__init__`` ran
+    (accelerate's ``AcceleratedOptimizer`` subclasses it without: no hook registry), or any object
+    with both ``register_step_*_hook`` methods."""
+    if not (callable(getattr(obj, "register_step_pre_hook", None)) and callable(getattr(obj, "register_step_post_hook", None))):
+        return False
+    if isinstance(obj, torch.optim.Optimizer):
+        return isinstance(getattr(obj, "_optimizer_step_pre_hooks", None), dict)
+    return True
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """The innermost optimizer with step hooks inside wrappers that expose it as ``.optimizer`` or
+    ``._optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``):
+    its ``step`` is the one that updates the parameters (accelerate skips it while accumulating)."""
+    chain, seen, obj = [], set(), optimizer
+    while obj is not None and id(obj) not in seen:
+        seen.add(id(obj))
+        chain.append(obj)
+        obj = next(
+            (v for a in _OPTIMIZER_WRAPPER_ATTRS if (v := getattr(obj, a, None)) is not None and v is not obj),
+            None,
+        )
+    for obj in reversed(chain):
+        if _has_step_hooks(obj):
+            return obj
+    raise TypeError(
+        "optimizer must be a torch.optim.Optimizer (with step hooks) or a wrapper that exposes one as "
+        f".optimizer / ._optimizer, got {type(optimizer).__name__} (searched: "
+        f"{' -> '.join(type(o).__name__ for o in chain)})"
+    )
 
 
 def _is_hf_attention(module: nn.Module) -> bool:
@@ -143,6 +180,7 @@ class Watch:
         attention_names: str,
         diagnostics: TrainingDiagnostics,
         include_eval: bool = False,
+        gradients_at: str | None = None,
     ) -> None:
         self.diagnostics = diagnostics
         self.every = every
@@ -152,6 +190,10 @@ class Watch:
         self._attention_names = attention_names
         self._optimizer = optimizer
         self._update_ratio = update_ratio and optimizer is not None
+        # where gradient health is read: the optimizer's step pre-hook, the end of the backward of
+        # a sampled forward, or record_gradients() (an integration's pre-clipping point)
+        self._gradients_at = gradients_at or ("step" if optimizer is not None else "backward")
+        self._grads_read_at = -1  # the step whose gradients record_gradients() last read
         self._handles: list[Any] = []
         self._live = True
         self.step = 0  # completed steps (optimizer steps, else forward calls of the model)
@@ -451,8 +493,9 @@ class Watch:
                 "hooks it had at its first call: call watch() before the first call of the compiled "
                 "model (or torch._dynamo.reset() after watch())"
             ))
-        # without an optimizer, gradients are read when the backward of a sampled forward ends
-        if self._optimizer is not None or (self._params is None and not self._grad_probes):
+        # gradients_at="backward" (the default without an optimizer): read when the backward of a
+        # sampled forward ends
+        if self._gradients_at != "backward" or (self._params is None and not self._grad_probes):
             return
         if not torch.is_grad_enabled():
             return
@@ -479,7 +522,16 @@ class Watch:
                     self.diagnostics.update_probe(key, value)
 
     def _on_pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
-        if self._live and self.active:
+        if self._gradients_at == "step":
+            self.record_gradients()
+
+    def record_gradients(self) -> None:
+        """Read gradient health now, if the current step is sampled (with an optimizer, also the
+        parameters' snapshot behind ``update_ratio``); at most once per step. For
+        ``gradients_at="manual"``: an integration calls it where its host measures gradients
+        (after the last backward of the step, before clipping)."""
+        if self._live and self.active and self._grads_read_at != self.step:
+            self._grads_read_at = self.step
             self._record_gradients(snapshot=self._update_ratio)
 
     def _on_post_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
@@ -534,6 +586,7 @@ def watch(
     attention_names: str = "qualified",
     diagnostics: TrainingDiagnostics | None = None,
     include_eval: bool = False,
+    gradients_at: str | None = None,
 ) -> Watch:
     """Hook ``model`` so its training loop feeds a :class:`TrainingDiagnostics`; returns a :class:`Watch`.
 
@@ -549,11 +602,18 @@ def watch(
         [B, N] (0 = padding), the padded query rows are left out of every layer that is not an
         ``nn.MultiheadAttention``. Warns, naming what was searched, when none.
     gradients: gradient health of every parameter with ``requires_grad`` (those without a
-        gradient at that step are skipped). Read at the optimizer's step pre-hook when
-        ``optimizer`` is given (after clipping, right for gradient accumulation and DDP), else
-        when the backward of a sampled forward ends.
+        gradient at that step are skipped). Read where ``gradients_at`` says.
+    gradients_at: ``"step"`` (the default with an optimizer): at the optimizer's step pre-hook
+        (after any clipping; right for gradient accumulation and DDP); ``"backward"`` (the
+        default without): when the backward of a sampled forward ends (each micro-batch under
+        gradient accumulation); ``"manual"``: when :meth:`Watch.record_gradients` is called, at
+        most once per step (the Hugging Face and Lightning callbacks call it after the last
+        backward of the step and before clipping, where their hosts measure ``grad_norm``).
     every: sample one step in ``every``; a step is one ``optimizer.step()`` when an optimizer is
         given, else one forward call of ``model``. Hooks return at once on the other steps.
+    optimizer: a ``torch.optim.Optimizer``, or a wrapper that exposes one as ``.optimizer`` /
+        ``._optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's
+        ``LightningOptimizer``): the innermost optimizer with step hooks is hooked.
     group: ``"parameter"``, ``"module"`` (owning module's name), an int depth (first k name
         components) or a callable name -> group; ``"auto"`` = per parameter up to
         512 tensors, else per module (bounds the number of keys).
@@ -581,10 +641,12 @@ def watch(
         raise ValueError(f"every must be a positive int, got {every!r}")
     if attention_names not in ("qualified", "index"):
         raise ValueError(f"attention_names must be 'qualified' or 'index', got {attention_names!r}")
-    if optimizer is not None and not hasattr(optimizer, "register_step_pre_hook"):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer (with step hooks), got {type(optimizer).__name__}"
-        )
+    if optimizer is not None:
+        optimizer = _unwrap_optimizer(optimizer)
+    if gradients_at not in (None, "step", "backward", "manual"):
+        raise ValueError(f"gradients_at must be 'step', 'backward', 'manual' or None, got {gradients_at!r}")
+    if gradients_at == "step" and optimizer is None:
+        raise ValueError("gradients_at='step' needs an optimizer (the step pre-hook reads the gradients)")
     if diagnostics is not None and not isinstance(diagnostics, TrainingDiagnostics):
         raise TypeError(f"diagnostics must be a TrainingDiagnostics, got {type(diagnostics).__name__}")
     group_fn(group, 0)  # validate early
@@ -599,4 +661,5 @@ def watch(
         attention_names=attention_names,
         diagnostics=diagnostics if diagnostics is not None else TrainingDiagnostics(),
         include_eval=bool(include_eval),
+        gradients_at=gradients_at,
     )
