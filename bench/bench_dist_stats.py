@@ -16,6 +16,8 @@ Implementations per case (``impl``):
   router confidence (max) mean/std and entropy / top-1 of the weights, with ``.item()``.
 * ``torch`` / ``cpu`` / ``triton`` - ``dist_stats`` on that backend (``cpu`` = the C++
   extension, CPU tensors only; ``triton`` on CUDA only).
+* ``torch_noheads`` / ``cpu_noheads`` / ``triton_noheads`` - the same with ``heads=False`` (no
+  per-head statistics: ``head_sums`` is NaN).
 
 Timing: pytest-benchmark wall time (on CUDA each call ends with a synchronize) and, on CUDA,
 ``triton.testing.do_bench`` (CUDA events) in ``extra_info["device_time_s"]``. The backends are
@@ -75,12 +77,31 @@ CASES = (
         ("cuda",),
     ),
 )
-IMPLS = ("one_read", "copy", "reference", "seed", "torch", "cpu", "triton")
+IMPLS = (
+    "one_read",
+    "copy",
+    "reference",
+    "seed",
+    "torch",
+    "torch_noheads",
+    "cpu",
+    "cpu_noheads",
+    "triton",
+    "triton_noheads",
+)
 BASELINES = ("one_read", "copy")
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-ROUNDS = {"reference": 3, "seed": 3, "torch": 5}  # others: FAST_ROUNDS
+ROUNDS = {"reference": 3, "seed": 10, "torch": 5, "torch_noheads": 10}  # others: FAST_ROUNDS
 FAST_ROUNDS = 20
-PAIRED_ROUNDS = {"torch": 3, "cpu": 20, "triton": 20}  # impls timed interleaved with one_read
+# impls timed interleaved with one_read
+PAIRED_ROUNDS = {
+    "torch": 3,
+    "torch_noheads": 10,
+    "cpu": 20,
+    "cpu_noheads": 20,
+    "triton": 20,
+    "triton_noheads": 20,
+}
 
 
 @functools.lru_cache(maxsize=2)
@@ -144,13 +165,16 @@ def impl_fn(impl: str, case: Case, x: torch.Tensor) -> Callable[[], object]:
         return functools.partial(reference.row_stats, x, reduce_dim=case.reduce_dim, topk=case.topk)
     if impl == "seed":
         return functools.partial(SeedAttention() if case.kind == "attention" else seed_routing, x)
-    if impl == "cpu" and (x.device.type != "cpu" or not backends.cpu_extension_available()):
+    backend, _, variant = impl.partition("_")  # "<backend>_noheads": heads=False
+    if backend == "cpu" and (x.device.type != "cpu" or not backends.cpu_extension_available()):
         pytest.skip("the cpu backend needs CPU tensors and the C++ extension")
-    if impl == "triton" and (x.device.type != "cuda" or not backends.triton_available()):
+    if backend == "triton" and (x.device.type != "cuda" or not backends.triton_available()):
         pytest.skip("the triton backend is benchmarked on CUDA only")
-    fastdiag.set_backend(impl)
-    assert backends.resolve(x.device) == impl
-    return functools.partial(dist_stats, x, reduce_dim=case.reduce_dim, topk=case.topk)
+    fastdiag.set_backend(backend)
+    assert backends.resolve("dist_stats", x.device, x.dtype) == backend
+    return functools.partial(
+        dist_stats, x, reduce_dim=case.reduce_dim, topk=case.topk, heads=variant != "noheads"
+    )
 
 
 def synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
@@ -245,7 +269,8 @@ def paired_minima(
 def test_dist_stats(benchmark, case: Case, impl: str, device: str) -> None:
     if device not in case.devices:
         pytest.skip(f"{case.name} runs on {case.devices} only")
-    if impl in ("reference", "seed", "torch") and case.name.startswith("attention_8x16x2048"):
+    slow = ("reference", "seed", "torch", "torch_noheads")
+    if impl in slow and case.name.startswith("attention_8x16x2048"):
         pytest.skip("the slow implementations are not run at the GPU-target size")
     x = make_input(case, device)
     try:
