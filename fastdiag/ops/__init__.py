@@ -12,12 +12,16 @@ Every op keeps its results on the input's device and picks its backend through
 * ``usage_stats``     set / expert usage balance from index tensors (integer counts on device)
 * ``jaccard``         top-k and active-set stability on device bitmaps
 * ``norms``           fused multi-tensor gradient / parameter norms
+* ``summaries``       every per-update formula of the diagnostics classes, fused per update
+* ``token_table``     the device token-id -> set table of routing consistency
 """
 
 from fastdiag.ops import (
     _dist_stats_dispatch,  # noqa: F401  (registers the fastdiag:: custom ops)
     jaccard,
     norms,
+    summaries,
+    token_table,
 )
 from fastdiag.ops._dist_stats import (
     DistStats,
@@ -56,5 +60,7 @@ __all__ = [
     "norms",
     "spectral_stats",
     "std",
+    "summaries",
+    "token_table",
     "usage_stats",
 ]
