@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -373,3 +374,38 @@ def test_update_from_qk_bad_arguments_name_them():
     with pytest.raises(ValueError, match="4-D .* after 3-D"):
         fd.update_from_qk(q, k)
     assert fd.get_epoch_stats()["baseline/attention_entropy_mean"] > 0  # the bad calls added nothing
+
+
+# ----------------------------------------------------------------------------------------------
+# reliability (cases 7 - 9 of the reliability issue)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_value_states_shape_is_checked():
+    """Cases 7 and 9: value_states with D = 0, or another batch than the attention weights, is
+    a ValueError naming value_states and both shapes; nothing is recorded."""
+    fd = BaselineAttentionDiagnostics()
+    attn = torch.rand(2, 3, 4, 4).softmax(-1)
+    with pytest.raises(ValueError, match=r"value_states .*dh >= 1.*\(2, 4, 0\)"):
+        fd.update(attn, value_states=torch.rand(2, 4, 0))
+    with pytest.raises(ValueError, match=r"value_states .*\(3, 4, 5\).*attention_weights .*\(2, 3, 4, 4\)"):
+        fd.update(attn, value_states=torch.rand(3, 4, 5))
+    assert fd.get_epoch_stats() == {}
+
+
+def test_unnormalised_attention_weights_warn_once():
+    """Case 8: attention weights whose rows do not sum to 1 (logits) warn once per object at
+    get_epoch_stats, without a sync in update; softmax weights do not."""
+    logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2)) * 3
+    fd = BaselineAttentionDiagnostics()
+    with forbid_host_sync():
+        fd.update(logits)
+    with pytest.warns(RuntimeWarning, match=r"attention_weights rows do not sum to 1 \(mean \|sum-1\| = "):
+        got = fd.get_epoch_stats()
+    assert not any(k.startswith("_") for k in got)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fd.get_epoch_stats()
+        ok = BaselineAttentionDiagnostics()
+        ok.update(logits.softmax(-1))
+        ok.get_epoch_stats()

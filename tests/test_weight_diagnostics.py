@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -139,8 +140,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="prefix"):
         WeightDiagnostics("/")
     fd.update(torch.full((2, 3), 1 / 3), indices=torch.tensor([0, 3]), num_sets=3)
-    with pytest.raises(ValueError, match="indices must be < num_sets"):
-        fd.get_epoch_stats()
+    with pytest.warns(RuntimeWarning, match="indices must be < num_sets"):
+        assert fd.get_epoch_stats()["pool/indices_out_of_range"] == 1.0
 
 
 def test_update_never_syncs():
@@ -189,3 +190,77 @@ def test_bad_indices_and_atoms_are_value_or_type_errors():
         with pytest.raises(ValueError, match="atoms must have shape"):
             diag.update(atoms=atoms)
     assert diag.get_epoch_stats() == {}  # nothing half-recorded
+
+
+# ----------------------------------------------------------------------------------------------
+# reliability (cases 6, 8, 9, 12 of the reliability issue)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_out_of_range_indices_do_not_lock_the_epoch():
+    """Case 6: indices >= num_sets in one update: the stats come back with the entries excluded
+    and reported in ``{prefix}/indices_out_of_range`` (mean per update) and a warning."""
+    fd = WeightDiagnostics("moe")
+    w = torch.full((2, 3), 1 / 3)
+    fd.update(w, indices=torch.tensor([0, 1]), num_sets=3)
+    fd.update(w, indices=torch.tensor([0, 3]), num_sets=3)
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="indices must be < num_sets"):
+            got = fd.get_epoch_stats()
+        assert got["moe/indices_out_of_range"] == 0.5
+        assert got["moe/entropy_mean"] == pytest.approx(math.log(3))
+
+
+def test_logits_passed_as_weights_warn_once():
+    """Case 8: weights whose rows do not sum to 1 warn once per object (not with from_logits)."""
+    logits = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(5)) * 3
+    fd = WeightDiagnostics("pool")
+    with forbid_host_sync():
+        fd.update(logits)
+    with pytest.warns(RuntimeWarning, match=r"weights rows do not sum to 1 \(mean \|sum-1\| = .*from_logits=True"):
+        got = fd.get_epoch_stats()
+    assert not any(k.startswith("_") for k in got)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fd.get_epoch_stats()
+        ok = WeightDiagnostics("pool")
+        ok.update(logits, from_logits=True)
+        ok.update(logits.softmax(-1))
+        ok.get_epoch_stats()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(tau=math.nan), r"tau must be a finite number in \[0, 1\), got nan"),
+        (dict(tau=-0.1), r"tau must be a finite number in \[0, 1\), got -0.1"),
+        (dict(tau=1.5), r"tau must be a finite number in \[0, 1\), got 1.5"),
+        (dict(tau="0.1"), r"tau must be a finite number"),
+        (dict(eps=math.nan), r"eps must be a finite number in \[0, 1\), got nan"),
+        (dict(eps=-1e-6), r"eps must be a finite number in \[0, 1\)"),
+        (dict(eps=math.inf), r"eps must be a finite number in \[0, 1\)"),
+    ],
+)
+def test_bad_thresholds_are_named(kwargs, match):
+    """Case 9: tau / eps NaN, negative, >= 1 or not a number are ValueErrors naming them."""
+    with pytest.raises(ValueError, match=match):
+        WeightDiagnostics("pool", **kwargs)
+
+
+def test_load_state_dict_with_a_bad_config_leaves_the_object_unchanged():
+    """Case 12: a state whose ``_config`` lacks tau / eps (or holds a bad one) is a ValueError
+    naming it, raised before anything is assigned (was: KeyError after the sums were loaded)."""
+    fd = WeightDiagnostics("pool")
+    fd.update(torch.softmax(torch.randn(3, 4), -1))
+    before = fd.get_epoch_stats()
+    other = WeightDiagnostics("pool")
+    other.update(torch.softmax(torch.randn(5, 4) * 4, -1))
+    for config in ({"prefix": "pool"}, {"prefix": "pool", "tau": math.nan, "eps": 1e-6}, "pool"):
+        sd = other.state_dict()
+        sd["states"]["_config"] = config
+        with pytest.raises(ValueError, match="_config"):
+            fd.load_state_dict(sd)
+        assert fd.get_epoch_stats() == before
+    with pytest.raises(ValueError, match="states"):
+        fd.load_state_dict({**other.state_dict(), "states": ["not", "a", "dict"]})
+    assert fd.get_epoch_stats() == before

@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from fastdiag import ops, schema
-from fastdiag.diagnostics._base import check_cosine_samples, check_float
+from fastdiag.diagnostics._base import check_cosine_samples, check_float, rowsum_warnings
 from fastdiag.diagnostics.base import Diagnostics
 from fastdiag.diagnostics.params import ParamTracker
-from fastdiag.ops import summaries
+from fastdiag.ops import Slot, summaries
 from fastdiag.ops.summaries import DIST
 from fastdiag.schema import COSINE_SAMPLES, NONFINITE_ROWS, PATTERN_TOPK, SPARSITY_TAU
 
@@ -47,6 +47,9 @@ _PARAM_KEYS = (
 )
 _VALUE_KEYS = ("baseline/value_embedding_variance", "baseline/value_cosine_similarity")
 _HAS_HEADS = "heads" in inspect.signature(ops.dist_stats).parameters  # dist_stats(heads=False)
+# internal: sum of |row sum - 1| and number of rows of the attention weights (means per update)
+_ROWSUM = {"attention_weights": ("_rowsum/attention_weights", "_rows/attention_weights", "")}
+_ROWSUM_ADD = (tuple(_ROWSUM["attention_weights"][:2]), (Slot.ROWSUM_ERR, Slot.COUNT))
 _JACCARD_KEYS = ("baseline/attention_pattern_jaccard", "baseline/attention_topk_jaccard_per_query")
 
 
@@ -66,6 +69,8 @@ class BaselineAttentionDiagnostics(Diagnostics):
 
     ``get_epoch_stats`` also returns ``health/nonfinite_rows``: the mean number per update of
     attention rows (B*N, any head) or value rows holding NaN or inf, excluded from every value.
+    Attention weights whose (head-averaged) rows do not sum to 1 (mean |sum - 1| > 1e-3: logits,
+    or many all-zero rows) give one RuntimeWarning per object.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class BaselineAttentionDiagnostics(Diagnostics):
         self.add_state("_prev_top", None)
         self.add_state("_prev_bitmap", None)
         self.add_state("_attn_ndim", None)
+        self._rowsum_warned: set[str] = set()  # row-sum warning given (once per object)
 
     def metric_keys(self) -> tuple[str, ...]:
         return (*self.keys, NONFINITE_ROWS)
@@ -126,15 +132,27 @@ class BaselineAttentionDiagnostics(Diagnostics):
             self._params.check(attention_params)
         if value_states is not None:
             check_float(value_states, "value_states")
-            if value_states.dim() < 2:
+            if value_states.dim() < 2 or value_states.shape[-1] == 0:
                 raise ValueError(
-                    f"value_states must have shape [..., dh] with at least 2 dims, got {tuple(value_states.shape)}"
+                    f"value_states must have shape [..., dh] with at least 2 dims and dh >= 1, "
+                    f"got {tuple(value_states.shape)}"
+                )
+            if (
+                attention_weights is not None
+                and value_states.dim() >= 3
+                and value_states.shape[0] != attention_weights.shape[0]
+            ):
+                raise ValueError(
+                    f"value_states of shape {tuple(value_states.shape)} does not match "
+                    f"attention_weights of shape {tuple(attention_weights.shape)}: the batch sizes "
+                    f"(first dims) must be equal"
                 )
         attn_values = None
         if attention_weights is not None:
-            attn_values = self._attention(attention_weights)
+            attn_values, st = self._attention(attention_weights)
             names, pos = self._attn if value_states is None else self._attn_no_nf
             self._add(names, attn_values, pos)
+            self._add(_ROWSUM_ADD[0], st.sums, _ROWSUM_ADD[1])
         if attention_params is not None:
             names, pos = self._param
             self._add(names, self._params.update_values(attention_params), pos)
@@ -233,8 +251,9 @@ class BaselineAttentionDiagnostics(Diagnostics):
             )
         self._check_ndim(nd, tuple(attn.shape))
 
-    def _attention(self, attn: Tensor) -> Tensor:
-        """The float64 [len(DIST_FIELDS)] summary of one attention tensor (updates the previous top-k)."""
+    def _attention(self, attn: Tensor) -> tuple[Tensor, ops.DistStats]:
+        """The float64 [len(DIST_FIELDS)] summary of one attention tensor (updates the previous
+        top-k) and its ``dist_stats`` result."""
         nd = attn.dim()
         self._attn_ndim = nd
         nk = attn.shape[-1]
@@ -246,7 +265,7 @@ class BaselineAttentionDiagnostics(Diagnostics):
             )
         else:
             st = ops.dist_stats(attn, reduce_dim=1 if four else None, topk=k, tau=SPARSITY_TAU)
-        return self._summary(st, nk, four)
+        return self._summary(st, nk, four), st
 
     def _summary(self, st: ops.DistStats, nk: int, from_heads: bool) -> Tensor:
         """``dist_summary`` of one ``dist_stats`` / ``attention_stats`` result (updates the previous top-k)."""
@@ -265,6 +284,10 @@ class BaselineAttentionDiagnostics(Diagnostics):
         (``attention_weight_change``) stay per rank: each rank's batch values use its own.
         """
         return super().get_epoch_stats(sync_dist, process_group)
+
+    def _epoch_values(self, raw: dict[str, float]) -> dict[str, float]:
+        rowsum_warnings(raw, _ROWSUM, self._rowsum_warned)
+        return super()._epoch_values(raw)
 
     def state_dict(self) -> dict[str, Any]:
         """Sums, previous parameters and previous top-k (so a resumed run continues its Jaccards)."""

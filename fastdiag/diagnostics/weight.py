@@ -11,6 +11,7 @@ atom matrix (max off-diagonal |cosine|, exact). Epoch value = mean of the batch 
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -19,12 +20,23 @@ import torch
 from torch import Tensor
 
 from fastdiag import ops, schema
-from fastdiag.diagnostics._base import check_float, check_index, raise_flags
+from fastdiag.diagnostics._base import check_float, check_index, report_flags, rowsum_warnings
 from fastdiag.diagnostics.base import Diagnostics
-from fastdiag.ops import RowSlot, summaries
+from fastdiag.ops import RowSlot, Slot, summaries
 from fastdiag.ops.summaries import DIST, USAGE
 
 _OUT_OF_RANGE = "_error/indices_out_of_range"
+# internal: sum of |row sum - 1| and number of rows of the probability weights (means per update)
+_ROWSUM = {"weights": ("_rowsum/weights", "_rows/weights", ": pass from_logits=True for logits")}
+
+
+def _threshold(value: Any, name: str) -> float:
+    """``tau`` / ``eps`` validated: a finite real number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+        math.isfinite(value) and 0 <= value < 1
+    ):
+        raise ValueError(f"{name} must be a finite number in [0, 1), got {value!r}")
+    return float(value)
 
 
 class WeightDiagnostics(Diagnostics):
@@ -35,7 +47,10 @@ class WeightDiagnostics(Diagnostics):
     in the support; entries <= eps are pruned).
 
     ``get_epoch_stats`` also returns ``{prefix}/nonfinite_rows``: mean number per update of
-    weight rows holding NaN or inf (excluded from every other value).
+    weight rows holding NaN or inf (excluded from every other value); and, only when > 0,
+    ``{prefix}/indices_out_of_range``: mean number per update of ``indices`` entries >= num_sets
+    (excluded; a RuntimeWarning at every call). Weights (not ``from_logits``) whose rows do not
+    sum to 1 (mean |sum - 1| > 1e-3) give one RuntimeWarning per object.
     """
 
     def __init__(self, prefix: str = "pool", *, tau: float = 0.1, eps: float = 1e-6) -> None:
@@ -43,11 +58,14 @@ class WeightDiagnostics(Diagnostics):
             raise ValueError(f"prefix must be a non-empty string such as 'pool', got {prefix!r}")
         super().__init__()
         self.prefix = prefix.rstrip("/")
-        self.tau = float(tau)
-        self.eps = float(eps)
+        self.tau = _threshold(tau, "tau")
+        self.eps = _threshold(eps, "eps")
         self.keys = schema.weight_keys(self.prefix)
         self._key = dict(zip(schema.WEIGHT_DIAGNOSTICS_SUFFIXES, self.keys, strict=True))
         self.nonfinite_key = f"{self.prefix}/nonfinite_rows"
+        self.out_of_range_key = f"{self.prefix}/indices_out_of_range"
+        self._rowsum_warned: set[str] = set()  # row-sum warning given (once per object)
+        self._rowsum = (tuple(_ROWSUM["weights"][:2]), (Slot.ROWSUM_ERR, Slot.COUNT))
         k = self._key
         dist = (
             ("entropy_mean", "entropy_mean"), ("entropy_norm", "entropy_norm"), ("top1_mean", "top1_mean"),
@@ -108,6 +126,8 @@ class WeightDiagnostics(Diagnostics):
             st = ops.dist_stats(weights, from_logits=from_logits, tau=self.tau, eps=self.eps, rows=True)
             values, _ = summaries.dist_summary(st, weights.shape[-1])
             self._add(self._dist[0], values, self._dist[1])
+            if not from_logits:  # probabilities: their row-sum error is checked at the epoch end
+                self._add(self._rowsum[0], st.sums, self._rowsum[1])
             median = ops.median(st.rows[..., RowSlot.GT_EPS])
             self._add((k["support_median"],), median.reshape(1))
         if indices is not None:
@@ -119,16 +139,34 @@ class WeightDiagnostics(Diagnostics):
 
     def _epoch_values(self, raw: dict[str, float]) -> dict[str, float]:
         """Epoch values (``{prefix}/...`` keys in schema order, then ``{prefix}/nonfinite_rows``)."""
-        raise_flags(
+        health = report_flags(
             raw,
-            {_OUT_OF_RANGE: f"indices must be < num_sets (or < 0 for padding); an update of this "
-             f"epoch of {self.prefix!r} held an entry >= num_sets (not counted)"},
+            {_OUT_OF_RANGE: (
+                self.out_of_range_key,
+                f"indices must be < num_sets (or < 0 for padding): this epoch's updates of "
+                f"{self.prefix!r} held {{value:.4g}} entries >= num_sets per update (mean); they were "
+                f"excluded and are reported in {self.out_of_range_key}",
+            )},
         )
-        return super()._epoch_values(raw)
+        rowsum_warnings(raw, _ROWSUM, self._rowsum_warned)
+        return {**super()._epoch_values(raw), **health}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        config = state_dict.get("states", {}).get("_config", {}) if isinstance(state_dict, Mapping) else {}
-        if isinstance(config, Mapping) and config.get("prefix", self.prefix) != self.prefix:
-            raise ValueError(f"state_dict is for prefix {config['prefix']!r}, this is {self.prefix!r}")
+        """Restore :meth:`state_dict`'s output; validated completely first (the base class, and
+        ``_config``: this prefix, a valid tau and eps), so on any error the object is unchanged."""
+        tau, eps = self.tau, self.eps
+        states = state_dict.get("states") if isinstance(state_dict, Mapping) else None
+        if isinstance(states, Mapping) and "_config" in states:
+            config = states["_config"]
+            where = "state_dict['states']['_config']"
+            if not isinstance(config, Mapping) or set(config) != {"prefix", "tau", "eps"}:
+                got = sorted(map(str, config)) if isinstance(config, Mapping) else type(config).__name__
+                raise ValueError(f"{where} must be a dict with keys ['eps', 'prefix', 'tau'], got {got}")
+            if config["prefix"] != self.prefix:
+                raise ValueError(f"state_dict is for prefix {config['prefix']!r}, this is {self.prefix!r}")
+            try:
+                tau, eps = _threshold(config["tau"], "tau"), _threshold(config["eps"], "eps")
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from err
         super().load_state_dict(state_dict)
-        self.tau, self.eps = float(self._config["tau"]), float(self._config["eps"])
+        self.tau, self.eps = tau, eps
