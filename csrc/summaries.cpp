@@ -6,7 +6,7 @@
 // dist_summary    every derived value of a dist_stats result (+ the top-k Jaccards) in one vector
 // usage_summary   counts of bank indices and every usage statistic (+ the reuse Jaccard)
 // attention_values the training integration's per-layer [entropy, sparsity, top1, effective
-//                 heads] from per-head sums
+//                 heads, normalised entropy] from per-head rows
 // param_norms_    gradient norm, parameter norm and change against the previous parameters,
 //                 refreshing the previous copies in place
 #include <ATen/ATen.h>
@@ -27,7 +27,8 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // sum, count slots of dist_stats (fastdiag/ops/_dist_stats.py Slot / HeadSlot)
 constexpr int COUNT = 0, ENTROPY = 1, MAX = 3, MAX_SQ = 4, GT_TAU = 6, GT_EPS = 7, NONFINITE = 14;
-constexpr int H_ENTROPY = 0, H_MAX = 1, H_GT_TAU = 2, H_NUM = 4;
+constexpr int H_ENTROPY = 0, H_GT_TAU = 2, H_NUM = 4;
+constexpr int R_ENTROPY = 0, R_GT_EPS = 2, R_NUM = 4;  // RowSlot
 constexpr double EFFECTIVE_HEAD_ENTROPY = 0.9;  // fastdiag.schema.EFFECTIVE_HEAD_ENTROPY
 constexpr int64_t DIST_NUM = 14, USAGE_NUM = 11;
 
@@ -302,31 +303,47 @@ at::Tensor param_norms_(at::TensorList params, at::TensorList grads, at::TensorL
 
 }  // namespace
 
-// fastdiag.ops.summaries.attention_values: means over the valid B*H*N per-head rows; a head is
-// effective when its mean entropy / log nk is below `threshold` (none at nk = 1: NaN < t is false)
-at::Tensor attention_values(const at::Tensor& sums_in, const at::Tensor& head_sums_in, int64_t nk,
+// fastdiag.ops.summaries.attention_values: [entropy, sparsity, top1, effective heads, entropy_norm]
+// of a dist_stats result over every per-head row (no reduce_dim, rows=True, eps=0): means over the
+// valid rows; per valid row with n = GT_EPS >= 2 attendable keys, H / log n; entropy_norm is its
+// mean, a head is effective when its mean of it is below `threshold` (none without such a row)
+at::Tensor attention_values(const at::Tensor& sums_in, const at::Tensor& rows_in, int64_t nk,
                             double threshold) {
   auto sums = sums_in.to(at::kDouble).contiguous();
-  auto hs = head_sums_in.to(at::kDouble).contiguous();
-  TORCH_CHECK(hs.dim() == 2 && hs.size(1) == H_NUM, "head_sums: [H, 4]");
+  TORCH_CHECK(rows_in.dim() >= 3 && rows_in.size(-1) == R_NUM, "rows: [B, H, ..., 4]");
+  auto rows = rows_in.to(at::kFloat).contiguous();
   const double* S = sums.const_data_ptr<double>();
-  const double* P = hs.const_data_ptr<double>();
-  const int64_t heads = hs.size(0);
-  const double c = S[COUNT], rows = c * static_cast<double>(heads), dn = static_cast<double>(nk);
-  double ent = 0, gt = 0, top = 0, effective = 0;
-  for (int64_t h = 0; h < heads; ++h) {
-    ent += P[h * H_NUM + H_ENTROPY];
-    gt += P[h * H_NUM + H_GT_TAU];
-    top += P[h * H_NUM + H_MAX];
-    const double norm = nk > 1 ? (P[h * H_NUM + H_ENTROPY] / c) / std::log(dn) : kNaN;
-    effective += norm < threshold ? 1.0 : 0.0;
+  const float* R = rows.const_data_ptr<float>();
+  const int64_t outer = rows.size(0), heads = rows.size(1);
+  const int64_t inner = heads > 0 && outer > 0 ? rows.numel() / (R_NUM * outer * heads) : 0;
+  const double c = S[COUNT], dn = static_cast<double>(nk);
+  std::vector<double> hsum(heads, 0.0), hcnt(heads, 0.0);
+  double usum = 0, ucnt = 0;
+  for (int64_t b = 0; b < outer; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* r = R + ((b * heads + h) * inner) * R_NUM;
+      for (int64_t i = 0; i < inner; ++i, r += R_NUM) {
+        const double n = r[R_GT_EPS];
+        if (!(n >= 2.0)) continue;  // invalid (NaN) rows and rows of one key
+        const double u = static_cast<double>(r[R_ENTROPY]) / std::log(n);
+        hsum[h] += u;
+        hcnt[h] += 1.0;
+      }
+    }
   }
-  auto out = at::empty({4}, sums.options());
+  double effective = 0;
+  for (int64_t h = 0; h < heads; ++h) {
+    usum += hsum[h];
+    ucnt += hcnt[h];
+    effective += hsum[h] / hcnt[h] < threshold ? 1.0 : 0.0;  // 0 / 0 = NaN: not effective
+  }
+  auto out = at::empty({5}, sums.options());
   double* o = out.data_ptr<double>();
-  o[0] = ent / rows;
-  o[1] = gt / (rows * dn);
-  o[2] = top / rows;
+  o[0] = S[ENTROPY] / c;
+  o[1] = S[GT_TAU] / (c * dn);
+  o[2] = S[MAX] / c;
   o[3] = c > 0 ? effective / static_cast<double>(heads) : kNaN;
+  o[4] = usum / ucnt;
   return out;
 }
 
@@ -337,7 +354,7 @@ TORCH_LIBRARY_FRAGMENT(fastdiag, m) {
       "int n, bool from_heads, bool jaccard) -> (Tensor, Tensor)");
   m.def("usage_summary(Tensor indices, int num_sets, Tensor? prev_active) -> (Tensor, Tensor)");
   m.def("param_norms_(Tensor[] params, Tensor[] grads, Tensor(a!)[] prev, bool has_prev) -> Tensor");
-  m.def("attention_values(Tensor sums, Tensor head_sums, int nk, float threshold) -> Tensor");
+  m.def("attention_values(Tensor sums, Tensor rows, int nk, float threshold) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdiag, CPU, m) {

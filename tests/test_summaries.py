@@ -245,8 +245,14 @@ def test_attention_values_cpu_op_matches_torch(nk):
 
     g = torch.Generator().manual_seed(nk)
     x = torch.softmax(torch.randn(2, 3, 5, nk, generator=g), -1)
-    for mask in (None, torch.zeros(2, 5, dtype=torch.bool)):  # no valid row: NaN heads
-        st = ops.dist_stats(x, reduce_dim=1, tau=0.1, row_mask=mask)
-        got = summaries.attention_values(st.sums, st.head_sums, nk, 0.9)
-        want = _summaries_torch.attention_values_torch(st.sums, st.head_sums, nk, 0.9)
+    causal = torch.ones(5, nk, dtype=torch.bool).tril()
+    xc = torch.softmax(torch.randn(2, 3, 5, nk, generator=g).masked_fill(~causal, float("-inf")), -1)
+    mask = torch.zeros(2, 3, 5, dtype=torch.bool)  # no valid row: NaN
+    half = mask.clone()
+    half[0, :, :3] = True
+    for w, m in ((x, None), (x, mask), (xc, None), (xc, half)):
+        st = ops.dist_stats(w, tau=0.1, eps=0.0, row_mask=m, rows=True, heads=False)
+        got = summaries.attention_values(st.sums, st.rows, nk, 0.9)
+        want = _summaries_torch.attention_values_torch(st.sums, st.rows, nk, 0.9)
+        assert got.shape == (len(summaries.ATTENTION_FIELDS),)
         torch.testing.assert_close(got, want, equal_nan=True)

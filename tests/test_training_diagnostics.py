@@ -70,8 +70,8 @@ def test_is_a_diagnostics_with_dynamic_keys_in_first_recorded_order():
     diag.update_probe("p/x", torch.tensor(1.0))
     diag.update_attention("l0", torch.softmax(torch.randn(2, 3, 4, 5), -1))
     diag.update_gradients(_named(), group="module")
-    assert diag.metric_keys()[:5] == ("p/x", *(f"{m}/l0" for m in ATTENTION_METRICS))
-    assert diag.metric_keys()[5:] == (
+    assert diag.metric_keys()[:6] == ("p/x", *(f"{m}/l0" for m in ATTENTION_METRICS))
+    assert diag.metric_keys()[6:] == (
         "grad_norm/enc", "grad_norm/head", "param_norm/enc", "param_norm/head",
         "grad_norm_total", "health/nan_infs", "health/nan_infs/enc", "health/nan_infs/head",
     )
@@ -257,3 +257,50 @@ def test_updates_never_copy_to_host():
             diag.update_ratio(named, group="module")
             diag.update_probe("p", w.sum())
     assert "update_ratio/enc" in diag.get_epoch_stats()
+
+
+@pytest.mark.parametrize("path", ["weights", "qk"])
+def test_uniform_causal_attention_reads_one(path):
+    """Causal-aware normalisation: uniform attention over each row's attendable keys (causal,
+    and padded keys) has normalised entropy 1 and no effective head; the raw entropy is the
+    mean of log(i + 1)."""
+    n, heads = 32, 3
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    diag = TrainingDiagnostics()
+    if path == "weights":
+        w = causal.double() / causal.sum(-1, keepdim=True)
+        diag.update_attention("l", w.float().expand(2, heads, n, n))
+    else:
+        q = torch.zeros(2, heads, n, 8)  # equal scores: uniform over the attendable keys
+        diag.update_attention_qk("l", q, q.clone(), is_causal=True)
+    stats = diag.get_epoch_stats()
+    assert stats["attention_entropy_norm/l"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["attention_effective_heads/l"] == 0.0
+    assert stats["attention_entropy/l"] == pytest.approx(sum(math.log(i + 1) for i in range(n)) / n, rel=1e-6)
+    # the old normalisation by log Nk read 0.735 here
+    assert sum(math.log(i + 1) for i in range(n)) / n / math.log(n) == pytest.approx(0.735, abs=1e-3)
+
+
+def test_normalisation_by_attendable_keys_with_padding_and_row_mask():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 6, 4, generator=gen)
+    k = torch.randn(2, 2, 6, 4, generator=gen)
+    keys = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    keys[1, ..., 4:] = False  # padded keys of sample 1
+    mask = keys & torch.ones(6, 6, dtype=torch.bool).tril()
+    rows = torch.ones(2, 6, dtype=torch.bool)
+    rows[1, 4:] = False
+    s = (q @ k.transpose(-1, -2) / 2).masked_fill(~mask, float("-inf"))
+    w = s.softmax(-1)
+    a, b = TrainingDiagnostics(effective_head_entropy=0.8), TrainingDiagnostics(effective_head_entropy=0.8)
+    a.update_attention("l", w, row_mask=rows)
+    b.update_attention_qk("l", q, k, attn_mask=mask, row_mask=rows)
+    valid = w.double()[rows.unsqueeze(1).expand(2, 2, 6)].reshape(-1, 6)  # [rows, Nk]
+    h, cnt = entr(valid), mask.expand(2, 2, 6, 6)[rows.unsqueeze(1).expand(2, 2, 6)].sum(-1).double()
+    ok = cnt >= 2
+    want = float((h[ok] / cnt[ok].log()).mean())
+    for d in (a, b):
+        stats = d.get_epoch_stats()
+        assert stats["attention_entropy_norm/l"] == pytest.approx(want, rel=1e-5)
+        expect = attention_expect(torch.where(rows[:, None, :, None], w.double(), 0.0))  # masked rows all 0
+        assert stats["attention_effective_heads/l"] == expect["attention_effective_heads"]

@@ -181,7 +181,7 @@ def test_pre_dropout_statistics_and_identical_outputs_with_attention_dropout(tra
     assert torch.equal(logits, reference)
     _, no_dropout, _, _ = _watched_forward(_model(transformers, "gpt2", "sdpa"), ids, kwargs)
     first = [k for k in stats if k.endswith("/transformer.h.0.attn")]
-    assert len(first) == 4
+    assert len(first) == len(ATTENTION_METRICS)
     for key in first:
         assert stats[key] == pytest.approx(no_dropout[key], rel=1e-6, abs=1e-7), key
 
@@ -249,11 +249,11 @@ def test_eval_and_no_grad_passes_are_not_counted(transformers):
         model.eval()
         model(ids)
         assert handle.get_epoch_stats() == first
-    assert len(first) == 8
+    assert len(first) == 2 * len(ATTENTION_METRICS)
     # include_eval=True: every pass counts
     with watch(model, gradients=False, include_eval=True) as handle, torch.no_grad():
         model(ids)
-        assert len(handle.get_epoch_stats()) == 8
+        assert len(handle.get_epoch_stats()) == 2 * len(ATTENTION_METRICS)
     model.train()
 
 
@@ -362,7 +362,7 @@ def test_the_mode_is_left_when_the_forward_raises_and_nothing_outside_is_touched
         model.blocks[0].__class__ = CausalSelfAttention
         model(ids)
         assert seen == [None]  # the model's other modules run outside the capture
-        assert len(handle.get_epoch_stats()) == 4
+        assert len(handle.get_epoch_stats()) == len(ATTENTION_METRICS)
     assert not any(isinstance(m, SDPACapture) for m in torch.overrides._get_current_function_mode_stack())
 
 
@@ -388,7 +388,7 @@ def test_activation_checkpointing_records_each_forward_once(reentrant):
             acc = handle.diagnostics.accumulator
             assert acc.state[acc.names.index("attention_entropy/blocks.1"), 1] == 2
             results.append({k: v for k, v in handle.get_epoch_stats().items() if k.startswith("attention")})
-    assert results[0].keys() == results[1].keys() and len(results[0]) == 8
+    assert results[0].keys() == results[1].keys() and len(results[0]) == 2 * len(ATTENTION_METRICS)
     for key, value in results[0].items():
         assert results[1][key] == pytest.approx(value, rel=1e-6), key
 
@@ -401,7 +401,7 @@ def test_hooks_never_copy_to_host():
         model(ids)  # warm-up: key names, plans
         with forbid_host_sync():
             model(ids)
-        assert len(handle.get_epoch_stats()) == 8
+        assert len(handle.get_epoch_stats()) == 2 * len(ATTENTION_METRICS)
 
 
 def test_compiled_model_gives_the_eager_numbers():

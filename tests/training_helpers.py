@@ -48,14 +48,19 @@ def hand_mha_weights(mha: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tenso
 
 
 def attention_expect(w: torch.Tensor, tau: float = 0.1) -> dict[str, float]:
-    """Per-layer values (docs/metrics.md §5) of per-head weights w [B, H, N, Nk] (float64)."""
+    """Per-layer values (docs/metrics.md §5) of per-head weights w [B, H, N, Nk] (float64):
+    normalised entropy per row = H / log(number of entries > 0), rows with >= 2 of them."""
     h = entr(w)  # [B, H, N]
-    per_head = h.mean(dim=(0, 2)) / math.log(w.shape[-1])
+    n = (w > 0).sum(-1).double()
+    ok = n >= 2
+    u = torch.where(ok, h / n.clamp_min(2).log(), 0.0)
+    per_head = u.sum(dim=(0, 2)) / ok.sum(dim=(0, 2))
     return {
         "attention_entropy": float(h.mean()),
         "attention_sparsity": float((w > tau).double().mean()),
         "attention_top1": float(w.amax(-1).mean()),
         "attention_effective_heads": float((per_head < 0.9).double().mean()),
+        "attention_entropy_norm": float(u.sum() / ok.sum()),
     }
 
 

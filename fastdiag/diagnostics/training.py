@@ -5,11 +5,14 @@ through the ``update_*`` methods; ``get_epoch_stats()`` returns one dict (docs/m
 "Gradient and training health"):
 
 * ``attention_entropy/{layer}``, ``attention_sparsity/{layer}``, ``attention_top1/{layer}``,
-  ``attention_effective_heads/{layer}`` (:meth:`TrainingDiagnostics.update_attention` with
-  the weights, :meth:`TrainingDiagnostics.update_attention_qk` straight from SDPA's q and k).
-  Per-head values: entropy and top-1 are means over the B*H*N per-head rows, sparsity the share
-  of per-head entries > ``tau``, effective heads the share of heads whose mean entropy / log Nk
-  is below ``effective_head_entropy``.
+  ``attention_effective_heads/{layer}``, ``attention_entropy_norm/{layer}``
+  (:meth:`TrainingDiagnostics.update_attention` with the weights,
+  :meth:`TrainingDiagnostics.update_attention_qk` straight from SDPA's q and k). Per-head
+  values: entropy (the mean of the per-head entropies) and top-1 are means over the B*H*N
+  per-head rows, sparsity the share of per-head entries > ``tau``; causal-aware normalisation:
+  ``attention_entropy_norm`` is the mean of H(row) / log n(row), n = the row's attendable keys
+  (entries > 0; rows with n >= 2), effective heads the share of heads whose mean of it is below
+  ``effective_head_entropy``.
 * ``grad_norm/{group}``, ``grad_norm_total``, ``param_norm/{group}``, ``health/nan_infs`` and
   ``health/nan_infs/{group}`` (:meth:`TrainingDiagnostics.update_gradients`), and
   ``update_ratio/{group}`` (:meth:`TrainingDiagnostics.update_ratio`, after an optimizer step).
@@ -53,6 +56,7 @@ ATTENTION_METRICS = (
     "attention_sparsity",
     "attention_top1",
     "attention_effective_heads",
+    "attention_entropy_norm",
 )
 _NAN_INFS_GROUP = "health/nan_infs/"
 
@@ -131,8 +135,13 @@ class TrainingDiagnostics(Diagnostics):
         w = weights.detach()
         if w.dim() == 3:
             w = w.unsqueeze(1)
-        ds = ops.dist_stats(w, from_logits=from_logits, reduce_dim=1, tau=self.tau, row_mask=row_mask)
-        values = summaries.attention_values(ds.sums, ds.head_sums, w.shape[-1], self.effective_head_entropy)
+        rows = _head_rows(row_mask, w.shape[0], w.shape[1], w.shape[2])
+        # every (b, h, i) its own row; per-row entropy and support (entries > 0: the attendable
+        # keys) for the causal-aware normalisation
+        ds = ops.dist_stats(
+            w, from_logits=from_logits, tau=self.tau, eps=0.0, row_mask=rows, rows=True, heads=False
+        )
+        values = summaries.attention_values(ds.sums, ds.rows, w.shape[-1], self.effective_head_entropy)
         self._record(self._attention_key_names(name), values)
 
     @torch.no_grad()
@@ -165,6 +174,7 @@ class TrainingDiagnostics(Diagnostics):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if row_mask is not None and not isinstance(row_mask, Tensor):
             raise TypeError(f"row_mask must be a torch.Tensor or None, got {type(row_mask).__name__}")
+        rows = _head_rows(row_mask, q.shape[0], q.shape[1], q.shape[-2]) if q.dim() == 4 else row_mask
         ds = ops.attention_stats(
             q.detach(),
             k.detach(),
@@ -172,11 +182,14 @@ class TrainingDiagnostics(Diagnostics):
             is_causal=bool(is_causal),
             scale=scale,
             enable_gqa=bool(enable_gqa),
-            reduce_dim=1,
+            reduce_dim=None,
             tau=self.tau,
-            row_mask=row_mask,
+            eps=0.0,
+            row_mask=rows,
+            rows=True,
+            heads=False,
         )
-        values = summaries.attention_values(ds.sums, ds.head_sums, k.shape[-2], self.effective_head_entropy)
+        values = summaries.attention_values(ds.sums, ds.rows, k.shape[-2], self.effective_head_entropy)
         self._record(self._attention_key_names(name), values)
 
     def _attention_key_names(self, name: str) -> tuple[str, ...]:
@@ -262,6 +275,17 @@ class TrainingDiagnostics(Diagnostics):
         ``health/nan_infs/{group}`` appears only for groups that had a non-finite gradient.
         """
         return super().get_epoch_stats(sync_dist=sync_dist, process_group=process_group)
+
+
+def _head_rows(row_mask: Tensor | None, batch: int, heads: int, queries: int) -> Tensor | None:
+    """A [B, N] query row mask as the [B, H, N] mask of the per-head rows (a view)."""
+    if row_mask is None:
+        return None
+    if not isinstance(row_mask, Tensor):
+        raise TypeError(f"row_mask must be a torch.Tensor or None, got {type(row_mask).__name__}")
+    if tuple(row_mask.shape) != (batch, queries):
+        raise ValueError(f"row_mask must have shape [B, N] = {(batch, queries)}, got {tuple(row_mask.shape)}")
+    return row_mask.unsqueeze(1).expand(batch, heads, queries)
 
 
 def _number(x: Any, name: str) -> float:

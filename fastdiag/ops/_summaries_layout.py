@@ -42,6 +42,14 @@ USAGE = {name: i for i, name in enumerate(USAGE_FIELDS)}
 
 PARAM_FIELDS: tuple[str, ...] = ("gradient_norm", "param_norm", "weight_change")
 
+ATTENTION_FIELDS: tuple[str, ...] = (
+    "entropy",  # mean per-head row entropy (nats)
+    "sparsity",  # share of per-head entries > tau
+    "top1",  # mean per-head row max
+    "effective_heads",  # share of heads whose mean H / log(n attendable) < threshold
+    "entropy_norm",  # mean over per-head rows with n >= 2 attendable keys of H / log n
+)
+
 
 def accumulate_fake(state: Tensor, slots: Tensor, src: Tensor, values: Tensor) -> None:
     return None
@@ -64,5 +72,5 @@ def param_norms_fake(params, grads, prev, has_prev):
     return params[0].new_empty(len(PARAM_FIELDS), dtype=torch.float64)
 
 
-def attention_values_fake(sums, head_sums, nk, threshold):
-    return sums.new_empty(4, dtype=torch.float64)
+def attention_values_fake(sums, rows, nk, threshold):
+    return sums.new_empty(len(ATTENTION_FIELDS), dtype=torch.float64)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastdiag.ops import jaccard as _jaccard
 from fastdiag.ops import norms as _norms
-from fastdiag.ops._dist_stats import HeadSlot, Slot
+from fastdiag.ops._dist_stats import HeadSlot, RowSlot, Slot
 from fastdiag.ops.usage import usage_stats
 from fastdiag.schema import EFFECTIVE_HEAD_ENTROPY
 
@@ -136,23 +136,30 @@ def accumulate_torch(state: Tensor, idx: Tensor, src: Tensor, values: Tensor) ->
     state.index_add_(0, idx, rows)
 
 
-def attention_values_torch(sums: Tensor, head_sums: Tensor, nk: int, threshold: float) -> Tensor:
-    """[entropy, sparsity, top1, effective heads] float64 [4] of one ``dist_stats`` result
-    (``reduce_dim=1``, per-head sums ``head_sums`` [H, ...]) over Nk = ``nk`` keys.
+def attention_values_torch(sums: Tensor, rows: Tensor, nk: int, threshold: float) -> Tensor:
+    """``ATTENTION_FIELDS`` float64 [5] of one ``dist_stats`` / ``attention_stats`` result taken
+    with every (b, h, i) as its own row (no ``reduce_dim``), ``rows=True`` and ``eps=0``:
+    ``sums`` [Slot.NUM], ``rows`` [B, H, N, RowSlot.NUM] (NaN rows invalid), Nk = ``nk`` keys.
 
-    Means over the valid B*H*N per-head rows; effective heads = share of heads whose mean
-    entropy / log Nk is below ``threshold`` (NaN when no row is valid, none when Nk = 1).
+    entropy, sparsity (> tau over the Nk keys), top-1: means over the valid per-head rows.
+    Normalised entropy: per valid row with n = ``rows[..., GT_EPS]`` >= 2 entries > 0 (its
+    attendable keys), ``H / log n``; ``entropy_norm`` its mean over those rows, effective heads
+    the share of the H heads whose mean of it is < ``threshold`` (a head without such a row is
+    not effective). NaN when no row is valid; ``entropy_norm`` NaN when no row has n >= 2.
     """
+    sums = sums.to(torch.float64)
     count = sums[Slot.COUNT]
-    heads = head_sums.shape[0]
-    rows = count * heads
-    entropy = head_sums[:, HeadSlot.ENTROPY].sum() / rows
-    sparsity = head_sums[:, HeadSlot.GT_TAU].sum() / (rows * nk)
-    top1 = head_sums[:, HeadSlot.MAX].sum() / rows
-    head_entropy = head_sums[:, HeadSlot.ENTROPY] / count
-    # Nk = 1: H / log 1 is NaN (as dist_stats documents), so no head counts as effective,
-    # the same value BaselineAttentionDiagnostics gives
-    normalised = head_entropy / math.log(nk) if nk > 1 else head_entropy * math.nan
-    effective = (normalised < threshold).double().mean()
-    effective = torch.where(count > 0, effective, torch.full_like(effective, math.nan))
-    return torch.stack([entropy, sparsity, top1, effective])
+    heads = rows.shape[1]
+    entropy = sums[Slot.ENTROPY] / count
+    sparsity = sums[Slot.GT_TAU] / (count * nk)
+    top1 = sums[Slot.MAX] / count
+    r = rows.to(torch.float64).transpose(0, 1).reshape(heads, -1, rows.shape[-1])
+    n = r[..., RowSlot.GT_EPS]
+    ok = n >= 2  # NaN (invalid) rows compare False
+    u = torch.where(ok, r[..., RowSlot.ENTROPY] / n.clamp_min(2).log(), 0.0)
+    per_head = u.sum(1) / ok.sum(1)  # NaN for a head without a row of >= 2 keys
+    effective = (per_head < threshold).to(torch.float64).mean()
+    nan = torch.full((), math.nan, dtype=torch.float64, device=sums.device)
+    effective = torch.where(count > 0, effective, nan)
+    norm = u.sum() / ok.sum()
+    return torch.stack([entropy, sparsity, top1, effective, norm])

@@ -10,7 +10,8 @@ one function producing one float64 vector whose layout is given by the ``*_FIELD
 * :func:`usage_summary` usage statistics of bank indices (:mod:`fastdiag.ops.usage`) and the
   set-reuse Jaccard against the previous active set;
 * :func:`attention_values` the per-layer attention values of the training integration
-  (per-head entropy, sparsity, top-1, effective heads; docs/metrics.md §5);
+  (per-head entropy, sparsity, top-1, effective heads, causal-aware normalised entropy;
+  docs/metrics.md §5);
 * :func:`param_norms`   gradient norm, parameter norm and change against the previous
   parameters (refreshed in place).
 
@@ -31,9 +32,17 @@ from fastdiag import _extension, backends
 from fastdiag.ops import _summaries_layout as _layout
 from fastdiag.ops import _summaries_torch as _torch
 from fastdiag.ops._dist_stats import DistStats
-from fastdiag.ops._summaries_layout import DIST, DIST_FIELDS, PARAM_FIELDS, USAGE, USAGE_FIELDS
+from fastdiag.ops._summaries_layout import (
+    ATTENTION_FIELDS,
+    DIST,
+    DIST_FIELDS,
+    PARAM_FIELDS,
+    USAGE,
+    USAGE_FIELDS,
+)
 
 __all__ = [
+    "ATTENTION_FIELDS",
     "DIST",
     "DIST_FIELDS",
     "PARAM_FIELDS",
@@ -124,12 +133,20 @@ def param_norms(
     return impl(list(params), list(grads), list(prev or ()), prev is not None)
 
 
-def attention_values(sums: Tensor, head_sums: Tensor, nk: int, threshold: float) -> Tensor:
-    """[entropy, sparsity, top1, effective heads] float64 [4] of one ``dist_stats`` result
-    (``reduce_dim=1``, per-head sums ``head_sums`` [H, ...]) over Nk = ``nk`` keys.
+def attention_values(sums: Tensor, rows: Tensor, nk: int, threshold: float) -> Tensor:
+    """``ATTENTION_FIELDS`` float64 [5] (entropy, sparsity, top1, effective heads, entropy_norm)
+    of one :func:`~fastdiag.ops.dist_stats` / :func:`~fastdiag.ops.attention_stats` result taken
+    with every (b, h, i) as its own row (no ``reduce_dim``), ``rows=True`` and ``eps=0``:
+    ``sums`` [Slot.NUM] and ``rows`` [B, H, N, RowSlot.NUM], over Nk = ``nk`` keys.
 
-    Means over the valid B*H*N per-head rows; effective heads = share of heads whose mean
-    entropy / log Nk is below ``threshold`` (NaN when no row is valid, none when Nk = 1).
+    entropy / sparsity (entries > tau among the Nk) / top1: means over the valid per-head rows.
+    Causal-aware normalisation: a valid row's attendable keys are its entries > 0
+    (``RowSlot.GT_EPS`` with ``eps=0``: masked keys of a softmax with -inf / dtype-min masks are
+    exactly 0), n of them; its normalised entropy is ``H / log n``, defined for n >= 2 (a row
+    with one attendable key has no spread to measure and is left out). ``entropy_norm`` = mean
+    of it over those rows (NaN when none); effective heads = share of the H heads whose mean of
+    it is < ``threshold`` (a head with no such row is not effective; NaN when no row is valid).
+    Uniform attention over each row's attendable keys reads 1.0, causal or padded.
     """
     impl = backends.implementation("attention_values", sums.device, torch.float64)
-    return impl(sums, head_sums, nk, threshold)
+    return impl(sums, rows, nk, threshold)
