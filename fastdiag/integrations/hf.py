@@ -51,7 +51,7 @@ __all__ = ["FastdiagCallback"]
 
 
 def _validate(every: Any, prefix: Any, logger: Any, diagnostics: Any, group: Any) -> None:
-    """Shared argument checks of the Hugging Face and Lightning callbacks."""
+    """Argument checks of the callback (fastdiag.integrations.lightning has a copy)."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive int, got {every!r}")
     if not isinstance(prefix, str):
