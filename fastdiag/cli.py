@@ -2,7 +2,9 @@
 
 fastdiag build-ext                      build the C++ / CUDA extension now, print its path
 fastdiag backends                       which backend runs each op here, and why (the switches)
-fastdiag report RUN.db [--run A --run B] [--metric NAME ...] [--out report.html]
+fastdiag report A.db [B.db ...] [--run A --run db:B] [--metric GLOB] [--exclude GLOB]
+                [--fail-on warning|critical] [--out report.html]   exit 1: a verdict at --fail-on
+fastdiag --version
 fastdiag demo [--quick] [--device cpu|cuda] [--break router] [--out runs/]
 """
 
@@ -37,7 +39,7 @@ def _backends(args: argparse.Namespace) -> int:
           f"  FASTDIAG_NO_EXT={int(backends.extension_disabled())}")  # fmt: skip
     for op, devices in backends.summary().items():
         choices = ", ".join(f"{dev}: {name}" for dev, name in devices.items())
-        print(f"{op:<16} {choices}   (implementations: {', '.join(backends.table(op))})")
+        print(f"{op:<20} {choices}   (implementations: {', '.join(backends.table(op))})")
     return 0
 
 
@@ -45,7 +47,7 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _naming(exc: Exception, path: Path) -> str:
+def _naming(exc: Exception, path: object) -> str:
     """The error on one line, naming ``path`` when it does not already."""
     text = _one_line(exc)
     return text if str(path) in text else f"{text} ({path})"
@@ -57,32 +59,50 @@ def _os_error(exc: OSError, path: object) -> str:
     return f"{why}: {path}"
 
 
-def _report(args: argparse.Namespace) -> int:
-    from fastdiag.report import summarize, write_html
+FAIL_EXIT = 1  # fastdiag report --fail-on: a verdict of that severity or worse holds
 
-    db = Path(args.db)
-    if not db.exists():
-        print(f"fastdiag report: no such database: {db}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else db.with_name(f"{db.stem}_report.html")
+
+def _report(args: argparse.Namespace) -> int:
+    from fastdiag.report import collect, summary_text, worst, write_html
+    from fastdiag.schema import SEVERITIES
+
+    dbs = [Path(d) for d in args.db]
+    where = dbs[0] if len(dbs) == 1 else ", ".join(map(str, dbs))
+    for db in dbs:
+        if not db.exists():
+            print(f"fastdiag report: no such database: {db}", file=sys.stderr)
+            return 2
+    out = Path(args.out) if args.out else dbs[0].with_name(f"{dbs[0].stem}_report.html")
     try:
-        summary = summarize(db, args.run, args.metric, window=args.trend_window)
-    except (ValueError, sqlite3.Error) as exc:
-        print(f"fastdiag report: {_naming(exc, db)}", file=sys.stderr)
+        data = collect(dbs, args.run, args.metric, args.exclude)
+        summary = summary_text(data, args.trend_window)
+    except (ValueError, TypeError, sqlite3.Error) as exc:
+        print(f"fastdiag report: {_naming(exc, where)}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"fastdiag report: cannot read {_os_error(exc, db)}", file=sys.stderr)
+        print(f"fastdiag report: cannot read {_os_error(exc, where)}", file=sys.stderr)
         return 2
     print(summary)
     try:
-        written = write_html(db, out, args.run, args.metric, window=args.window)
+        written = write_html(dbs, out, window=args.window, data=data)
     except (ValueError, sqlite3.Error) as exc:
-        print(f"fastdiag report: {_naming(exc, db)}", file=sys.stderr)
+        print(f"fastdiag report: {_naming(exc, where)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"fastdiag report: cannot write the report, {_os_error(exc, out)}", file=sys.stderr)
         return 2
     print(f"\nreport: {written}")
+    if args.fail_on is not None:
+        found = worst(data.verdicts)
+        if found is not None and SEVERITIES.index(found) >= SEVERITIES.index(args.fail_on):
+            count = sum(
+                SEVERITIES.index(v.severity) >= SEVERITIES.index(args.fail_on)
+                for vs in data.verdicts.values()
+                for v in vs
+            )
+            print(f"fastdiag report: {count} verdicts of severity {args.fail_on} or worse "
+                  f"(--fail-on {args.fail_on}): exit {FAIL_EXIT}", file=sys.stderr)  # fmt: skip
+            return FAIL_EXIT
     return 0
 
 
@@ -121,9 +141,12 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fastdiag`` command."""
+    from fastdiag import __version__
+
     parser = argparse.ArgumentParser(
         prog="fastdiag", description="Fused, sync-free learning diagnostics."
     )
+    parser.add_argument("--version", action="version", version=f"fastdiag {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("build-ext", help="build the C++/CUDA extension and print its path")
@@ -133,11 +156,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backends", help="which backend runs each op on this machine")
     p.set_defaults(func=_backends)
 
-    p = sub.add_parser("report", help="terminal summary and HTML report of a metrics database")
-    p.add_argument("db", help="SQLite file written by fastdiag.MetricsLogger")
-    p.add_argument("--run", action="append", help="run to include (repeat; default: all)")
-    p.add_argument("--metric", action="append", help="metric to chart (repeat; default: all)")
-    p.add_argument("--out", help="HTML file (default: <db stem>_report.html beside the db)")
+    p = sub.add_parser(
+        "report",
+        help="terminal summary and HTML report of one or more metrics databases",
+        description="Terminal summary and HTML report of the runs of one or more databases. "
+        f"Exit status: 0, or {FAIL_EXIT} with --fail-on when a verdict of that severity holds, "
+        "2 on bad input.",
+    )
+    p.add_argument("db", nargs="+", help="SQLite files written by fastdiag.MetricsLogger")
+    p.add_argument(
+        "--run",
+        action="append",
+        help="run to include: NAME or DB:NAME when databases share a name (repeat; default: all)",
+    )
+    p.add_argument(
+        "--metric", action="append", help="glob of the metrics to show, e.g. 'train/*' (repeat)"
+    )
+    p.add_argument(
+        "--exclude", action="append", help="glob of metrics to leave out, e.g. 'param_norm/*'"
+    )
+    p.add_argument(
+        "--fail-on",
+        choices=("warning", "critical"),
+        help=f"exit {FAIL_EXIT} when a verdict of this severity or worse holds (CI gate)",
+    )
+    p.add_argument("--out", help="HTML file (default: <first db stem>_report.html beside it)")
     p.add_argument(
         "--window", type=_positive_int, help="rolling window of the chart bands (points, >= 1)"
     )

@@ -61,7 +61,7 @@ def test_report_command(tmp_path, capsys):
     default_html = tmp_path / "train_report.html"
     assert f"report: {default_html}" in out and default_html.exists()
     if importlib.util.find_spec("matplotlib") is not None:
-        assert default_html.read_text().count("<figure class='chart'") == 1
+        assert default_html.read_text().count("<figure class='chart single'") == 1
 
     custom = tmp_path / "sub" / "r.html"
     assert main(["report", str(db), "--out", str(custom), "--window", "4"]) == 0

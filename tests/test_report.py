@@ -125,9 +125,10 @@ def test_terminal_summary(tmp_path):
         assert row.label in text
     confidence = next(line for line in text.splitlines() if line.startswith("Confidence"))
     assert confidence.split()[1:3] == ["0.4", "0.58"]
-    tail = text.split("run base vs run sets (last values):")[1]
+    tail = text.split("run base vs run sets (last values, largest relative difference first):")[1]
     shared = next(line for line in tail.splitlines() if line.startswith("shared "))
-    assert shared.split() == ["shared", "1", "3", "2"]  # run vs run: A, B, B - A
+    assert shared.split() == ["shared", "1", "3", "2", "66.7%"]  # A, B, B - A, relative
+    assert "config differences:" in text and '"baseline"' in text
     with pytest.raises(ValueError, match="nope"):
         summarize(path, runs=["nope"])
 
@@ -139,7 +140,7 @@ def test_html_report_has_one_chart_per_requested_metric(tmp_path):
     requested = ["train/loss", "ausa/router_confidence_mean", "ausa/set_embedding_variance"]
     out = write_html(path, tmp_path / "report.html", metrics=requested)
     page = out.read_text()
-    charts = re.findall(r"<figure class='chart' data-metric='([^']*)'>", page)
+    charts = re.findall(r"<figure class='chart single' data-metric='([^']*)'>", page)
     assert charts == requested
     images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
     assert len(images) == len(requested)
@@ -152,7 +153,7 @@ def test_html_report_has_one_chart_per_requested_metric(tmp_path):
     assert "<td>0.58</td>" in page  # set-routing confidence in the comparison table
 
     everything = write_html(path, tmp_path / "all.html", runs=["base"])
-    all_charts = re.findall(r"<figure class='chart' data-metric='([^']*)'>", everything.read_text())
+    all_charts = re.findall(r"<figure class='chart single' data-metric='([^']*)'>", everything.read_text())
     assert sorted(all_charts) == sorted(["train/loss", "shared"] + [k for k in _baseline_keys()])
 
 
@@ -200,6 +201,7 @@ def test_html_without_matplotlib_keeps_the_tables(tmp_path, monkeypatch):
 def test_math_text_and_underscore_names_are_drawn_literally(tmp_path):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
+    from matplotlib.text import Text
 
     path = tmp_path / "m.db"
     for run in ("exp$\\x$", "_x"):
@@ -211,7 +213,10 @@ def test_math_text_and_underscore_names_are_drawn_literally(tmp_path):
 
     def spy(fig, *args, **kwargs):
         (ax,) = fig.axes
-        seen.append((ax.get_title(), [t.get_text() for t in ax.get_legend().get_texts()]))
+        (legend,) = fig.legends
+        named = [t for t in fig.findobj(Text) if set(t.get_text()) & set("$^_")]
+        assert named and all(not t.get_parse_math() for t in named)
+        seen.append((ax.get_title("left"), [t.get_text() for t in legend.get_texts()]))
         return real_savefig(fig, *args, **kwargs)
 
     Figure.savefig = spy
@@ -219,7 +224,7 @@ def test_math_text_and_underscore_names_are_drawn_literally(tmp_path):
         page = write_html(path, tmp_path / "r.html").read_text()
     finally:
         Figure.savefig = real_savefig
-    charts = re.findall(r"<figure class='chart' data-metric='([^']*)'>", page)
+    charts = re.findall(r"<figure class='chart single' data-metric='([^']*)'>", page)
     assert charts == ["a^b_{c}", "grad$_$norm"]
     assert {title for title, _ in seen} == {"a^b_{c}", "grad$_$norm"}
     for _, legend in seen:  # every run in the legend, by its literal name
