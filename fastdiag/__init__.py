@@ -31,6 +31,7 @@ _EXPORTS = {
     "watch": "fastdiag.integrations",
     "TrainingDiagnostics": "fastdiag.diagnostics.training",
     "register_attention": "fastdiag.integrations",
+    "register_router": "fastdiag.integrations.routers",
     "probe": "fastdiag.integrations",
     # store
     "MetricsLogger": "fastdiag.store",

@@ -79,7 +79,14 @@ def group_fn(group: Any, count: int) -> Callable[[str], str]:
 class _Plan:
     """Keys and the device index tensor of one set of parameters (those with a gradient)."""
 
-    def __init__(self, names: Sequence[str], fn: Callable[[str], str], device: torch.device) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        fn: Callable[[str], str],
+        device: torch.device,
+        tensors: Sequence[Tensor] = (),
+        experts: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
         groups: dict[str, int] = {}
         member = [groups.setdefault(str(fn(n)), len(groups)) for n in names]
         self.names = tuple(names)
@@ -97,6 +104,50 @@ class _Plan:
             *(f"health/nan_infs/{x}" for x in g),
         )
         self.ratio_keys = tuple(f"update_ratio/{x}" for x in g)
+        # FSDP2 / DTensor: tensors sharded over a process group hold a shard each; their square
+        # sums are summed over the group (one all_reduce per group and call, on the device)
+        self.shard_groups: list[tuple[Any, Tensor]] = []
+        by_group: dict[Any, list[int]] = {}
+        for i, t in enumerate(tensors):
+            pg = _shard_group(t)
+            if pg is not None:
+                by_group.setdefault(pg, []).append(i)
+        for pg, idx in by_group.items():
+            mask = torch.zeros(len(names), dtype=torch.bool)
+            mask[idx] = True
+            self.shard_groups.append((pg, mask.to(device, non_blocking=True)))
+        # per-expert gradient norms of fused [E, ...] expert parameters (not sharded ones)
+        self.expert_idx: list[int] = []
+        buckets: list[int] = []
+        modules: dict[str, int] = {}
+        expert_keys: list[str] = []
+        for i, n in enumerate(names):
+            spec = (experts or {}).get(n)
+            if spec is None or (tensors and _shard_group(tensors[i]) is not None):
+                continue
+            module, e = spec
+            if module not in modules:
+                modules[module] = len(expert_keys)
+                expert_keys.extend(f"grad_norm/{module}.expert_{j}" for j in range(e))
+            self.expert_idx.append(i)
+            buckets.extend(modules[module] + j for j in range(e))
+        self.grad_keys = (*self.grad_keys, *expert_keys)
+        self.expert_slots = len(expert_keys)
+        self.expert_bucket = torch.tensor(buckets, dtype=torch.long).to(device, non_blocking=True)
+
+    def reduce(self, values: Tensor, repeat: int) -> Tensor:
+        """Sum over the shard groups the entries of sharded tensors in ``values`` (``repeat``
+        blocks of one entry per tensor); the others unchanged."""
+        if not self.shard_groups:
+            return values
+        import torch.distributed as dist
+
+        for pg, mask in self.shard_groups:
+            m = mask.repeat(repeat)
+            part = torch.where(m, values, 0.0)
+            dist.all_reduce(part, group=pg)
+            values = torch.where(m, part, values)
+        return values
 
     def group_sum(self, values: Tensor) -> Tensor:
         """Sum within each group of per-tensor values [n, ...] -> [len(groups), ...]."""
@@ -117,12 +168,23 @@ class ParamTracker:
     :meth:`gradient_stats` then, after the optimizer step, :meth:`update_ratios`.
     """
 
-    def __init__(self, name: str = "parameters", *, group: GroupSpec = "parameter") -> None:
+    def __init__(
+        self,
+        name: str = "parameters",
+        *,
+        group: GroupSpec = "parameter",
+        experts: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         group_fn(group, 0)  # validate now
+        if experts is not None and not isinstance(experts, Mapping):
+            raise TypeError(
+                f"experts must be a dict parameter name -> (module name, E) or None, got {type(experts).__name__}"
+            )
         self.name = name
         self.group = group
+        self.experts = dict(experts or {})
         self.prev: dict[str, Tensor] | None = None  # parameters at the previous update()
         self._plans: dict[tuple[str, ...], tuple[Callable[[str], str], dict[tuple[int, ...], _Plan]]] = {}
         self._snapshot: dict[str, Tensor] = {}  # parameters before the optimizer step
@@ -218,21 +280,28 @@ class ParamTracker:
             self._pending = None
             return None
         plan = self._plan(named, idx)
-        params = [named[i][1].detach() for i in idx]
-        grads = [named[i][1].grad for i in idx]
+        params = [_local(named[i][1].detach()) for i in idx]
+        grads = [_local(named[i][1].grad) for i in idx]
         n = len(idx)
         sq = norms(grads + params).square()  # one fused pass over gradients and parameters
         nonfinite = nonfinite_counts(grads)
+        # FSDP2: local shards' square sums -> global ones (one all_reduce, never full_tensor())
+        sums = plan.reduce(torch.cat([sq, nonfinite]), 3)
+        sq, nonfinite = sums[: 2 * n], sums[2 * n :]
         per_group = plan.group_sum(torch.stack([sq[:n], sq[n:], nonfinite], dim=1))
-        values = torch.cat(
-            [
-                per_group[:, 0].sqrt(),
-                per_group[:, 1].sqrt(),
-                sq[:n].sum().sqrt().reshape(1),
-                nonfinite.sum().reshape(1),
-                per_group[:, 2],
-            ]
-        )
+        parts = [
+            per_group[:, 0].sqrt(),
+            per_group[:, 1].sqrt(),
+            sq[:n].sum().sqrt().reshape(1),
+            nonfinite.sum().reshape(1),
+            per_group[:, 2],
+        ]
+        if plan.expert_idx:  # one norm per expert slice (views), on the foreach path
+            slices = [s for i in plan.expert_idx for s in grads[i].unbind(0)]
+            esq = norms(slices).square()
+            per_expert = torch.zeros(plan.expert_slots, dtype=torch.float64, device=esq.device)
+            parts.append(per_expert.index_add_(0, plan.expert_bucket, esq).sqrt().to(sq.device))
+        values = torch.cat(parts)
         if snapshot:
             copies = self._copies(plan.names, params)
             self._pending = (plan, copies, per_group[:, 1])
@@ -250,8 +319,8 @@ class ParamTracker:
         plan, copies, before_sq = pending
         current = dict(_named(parameters, self.name))
         # in place: the copies are rewritten at the next snapshot, so no temporary per tensor
-        torch._foreach_sub_(copies, [current[n].detach() for n in plan.names])
-        delta_sq = plan.group_sum(norms(copies).square())
+        torch._foreach_sub_(copies, [_local(current[n].detach()) for n in plan.names])
+        delta_sq = plan.group_sum(plan.reduce(norms(copies).square(), 1))
         ratio = delta_sq.sqrt() / before_sq.sqrt()
         return plan.ratio_keys, torch.where(before_sq > 0, ratio, math.nan)
 
@@ -263,12 +332,40 @@ class ParamTracker:
         fn, plans = entry
         plan = plans.get(idx)
         if plan is None:
-            plan = plans[idx] = _Plan([names[i] for i in idx], fn, named[idx[0]][1].device)
+            plan = plans[idx] = _Plan(
+                [names[i] for i in idx], fn, named[idx[0]][1].device, [named[i][1] for i in idx], self.experts
+            )
         return plan
 
     def _copies(self, names: Sequence[str], tensors: list[Tensor]) -> list[Tensor]:
         self._snapshot = _refresh(self._snapshot, list(names), tensors, keep=self._snapshot)
         return [self._snapshot[n] for n in names]
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "placements") and hasattr(t, "device_mesh")
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (FSDP2 parameters and gradients), any other tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_group(t: Tensor) -> Any:
+    """The process group over which a DTensor's local shards make up the tensor (its mesh
+    dimension with a ``Shard`` placement; None for a plain tensor or a replicated DTensor).
+    Sharded over several mesh dimensions: the whole mesh's group (a 1-D mesh only)."""
+    if not _is_dtensor(t):
+        return None
+    dims = [i for i, pl in enumerate(t.placements) if type(pl).__name__.endswith("Shard")]
+    if not dims:
+        return None
+    mesh = t.device_mesh
+    if len(dims) > 1:
+        raise ValueError(
+            f"parameters sharded over {len(dims)} mesh dimensions are not supported (placements {t.placements})"
+        )
+    return mesh.get_group(dims[0])
 
 
 def _named(parameters: Any, what: str) -> list[tuple[str, Tensor]]:

@@ -47,6 +47,7 @@ from fastdiag.schema import EFFECTIVE_HEAD_ENTROPY, SPARSITY_TAU
 __all__ = [
     "ATTENTION_METRICS",
     "EFFECTIVE_HEAD_ENTROPY",
+    "ROUTER_METRICS",
     "SPARSITY_TAU",
     "TrainingDiagnostics",
 ]
@@ -57,6 +58,15 @@ ATTENTION_METRICS = (
     "attention_top1",
     "attention_effective_heads",
     "attention_entropy_norm",
+)
+ROUTER_METRICS = (
+    "router_entropy_norm",
+    "router_top1",
+    "expert_load_gini",
+    "expert_active_ratio",
+    "expert_load_max_over_mean",
+    "router_topk_jaccard",
+    "expert_over_capacity",  # only with a capacity factor
 )
 _NAN_INFS_GROUP = "health/nan_infs/"
 
@@ -87,6 +97,8 @@ class TrainingDiagnostics(Diagnostics):
         self.device = None if device is None else torch.device(device)
         self._attention_keys: dict[str, tuple[str, ...]] = {}
         self._probe_keys: dict[str, tuple[str]] = {}
+        self._router_keys: dict[tuple[str, bool], tuple[str, ...]] = {}
+        self._router_prev: dict[str, tuple[Tensor, Tensor]] = {}  # top-k, expert bitmap
         self._trackers: dict[Any, ParamTracker] = {}
 
     @property
@@ -191,6 +203,73 @@ class TrainingDiagnostics(Diagnostics):
         )
         values = summaries.attention_values(ds.sums, ds.rows, k.shape[-2], self.effective_head_entropy)
         self._record(self._attention_key_names(name), values)
+
+    @torch.no_grad()
+    def update_router(
+        self,
+        name: str,
+        logits: Tensor,
+        *,
+        top_k: int = 1,
+        capacity_factor: float | None = None,
+        row_mask: Tensor | None = None,
+    ) -> None:
+        """Record one call of the mixture-of-experts router ``name``.
+
+        logits: [..., E] router logits (the leading axes are the tokens, e.g. [B*N, E]);
+        top_k: experts per token (1..16, <= E); capacity_factor: adds
+        ``expert_over_capacity/{name}``; row_mask: bool with the leading shape of ``logits`` (or
+        its number of tokens), False tokens (padding) ignored. Batch values: see
+        :func:`fastdiag.ops.summaries.router_summary`; ``router_topk_jaccard`` compares with the
+        previous call recorded for ``name`` (reset by :meth:`reset`).
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+        if logits.dim() < 1 or not logits.is_floating_point() or logits.shape[-1] < 1:
+            raise ValueError(
+                f"logits must be floating [..., E] with E >= 1, got {logits.dtype} {tuple(logits.shape)}"
+            )
+        experts = logits.shape[-1]
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= min(16, experts):
+            raise ValueError(f"top_k must be an int in [1, min(16, E={experts})], got {top_k!r}")
+        if capacity_factor is not None:
+            capacity_factor = _number(capacity_factor, "capacity_factor")
+            if not capacity_factor > 0:
+                raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        x = logits.detach().reshape(-1, experts)
+        mask = None
+        if row_mask is not None:
+            if not isinstance(row_mask, Tensor):
+                raise TypeError(f"row_mask must be a torch.Tensor or None, got {type(row_mask).__name__}")
+            if row_mask.numel() != x.shape[0]:
+                raise ValueError(
+                    f"row_mask must hold one entry per token ({x.shape[0]} for logits of shape "
+                    f"{tuple(logits.shape)}), got shape {tuple(row_mask.shape)}"
+                )
+            mask = row_mask.detach().reshape(-1).to(device=x.device, dtype=torch.bool)
+        ds = ops.dist_stats(x, from_logits=True, topk=top_k, row_mask=mask, heads=False)
+        prev = self._router_prev.get(name)
+        values, bitmap = summaries.router_summary(
+            ds,
+            experts,
+            capacity_factor=capacity_factor,
+            prev_top=None if prev is None else prev[0],
+            prev_bitmap=None if prev is None else prev[1],
+        )
+        self._router_prev[name] = (ds.topk, bitmap)
+        with_capacity = capacity_factor is not None
+        keys = self._router_keys.get((name, with_capacity))
+        if keys is None:
+            metrics = ROUTER_METRICS if with_capacity else ROUTER_METRICS[:-1]
+            keys = self._router_keys[(name, with_capacity)] = tuple(f"{m}/{name}" for m in metrics)
+        self._record(keys, values if with_capacity else values[:-1])
+
+    def reset(self) -> None:
+        """Clear every accumulated value and the routers' previous top-k (for the Jaccard)."""
+        super().reset()
+        self._router_prev.clear()
 
     def _attention_key_names(self, name: str) -> tuple[str, ...]:
         keys = self._attention_keys.get(name)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from fastdiag.diagnostics.params import GroupSpec, ParamTracker, group_fn
 from fastdiag.diagnostics.training import TrainingDiagnostics
 from fastdiag.integrations.registry import ExtractFn, ProbeFn, registration, subscribe, unsubscribe
+from fastdiag.integrations.routers import RouterSpec, find_routers, fused_experts, router_spec
 from fastdiag.integrations.sdpa import SDPACapture
 
 __all__ = ["Watch", "watch"]
@@ -181,6 +182,8 @@ class Watch:
         diagnostics: TrainingDiagnostics,
         include_eval: bool = False,
         gradients_at: str | None = None,
+        routers: bool = True,
+        expert_grad_norms: bool | None = None,
     ) -> None:
         self.diagnostics = diagnostics
         self.every = every
@@ -219,10 +222,14 @@ class Watch:
         self._tracker: ParamTracker | None = None
         if gradients:
             self._params = [(n, p) for n, p in self._inner.named_parameters() if p.requires_grad]
-            self._tracker = ParamTracker("parameters", group=group)
+            experts = fused_experts(self._inner) if expert_grad_norms is not False else {}
+            self._tracker = ParamTracker("parameters", group=group, experts=experts)
 
         if attention:
             self._attach_attention()
+        self.router_layers: dict[str, str] = {}  # metric name -> "hf" / "registered"
+        if routers:
+            self._attach_routers()
         for module in self._qualname:
             reg = registration(module)
             if reg is not None:
@@ -236,6 +243,31 @@ class Watch:
         self._handles.append(model.register_forward_pre_hook(_disable(self._on_root_pre), with_kwargs=True))
         self._handles.append(model.register_forward_hook(_disable(self._on_root_post), always_call=True))
         subscribe(self)
+
+    # -- routers (fastdiag.integrations.routers) ---------------------------------------------
+
+    def _attach_routers(self) -> None:
+        for i, (module, spec) in enumerate(find_routers(self._inner)):
+            name = f"router_{i}" if self._attention_names == "index" else (
+                self._qualname[module] or type(module).__name__
+            )
+            self.router_layers[name] = "registered" if router_spec(module) is not None else "hf"
+            hook = _disable(lambda m, args, out, name=name, spec=spec: self._router_post(m, name, spec, args, out))
+            self._handles.append(module.register_forward_hook(hook))
+
+    def _router_post(self, module: nn.Module, name: str, spec: RouterSpec, args: tuple, output: Any) -> None:
+        if not self._sampled(module):
+            return
+        logits = spec.fn(module, args, output)
+        if logits is None:
+            return
+        rows = self._row_mask
+        # the padding mask of the model's forward when the router saw one row per token
+        mask = rows if rows is not None and rows.numel() == logits.numel() // logits.shape[-1] else None
+        self.diagnostics.update_router(
+            name, logits, top_k=min(spec.top_k or 1, logits.shape[-1]), capacity_factor=spec.capacity_factor,
+            row_mask=mask,
+        )
 
     # -- attention discovery ---------------------------------------------------------------
 
@@ -587,6 +619,8 @@ def watch(
     diagnostics: TrainingDiagnostics | None = None,
     include_eval: bool = False,
     gradients_at: str | None = None,
+    routers: bool = True,
+    expert_grad_norms: bool | None = None,
 ) -> Watch:
     """Hook ``model`` so its training loop feeds a :class:`TrainingDiagnostics`; returns a :class:`Watch`.
 
@@ -628,6 +662,18 @@ def watch(
         generation) record no attention or forward probe and, without an optimizer, are not
         steps.
 
+    routers: record every mixture-of-experts router (:mod:`fastdiag.integrations.routers`:
+        Hugging Face routers that give ``router_logits``, gates of sparse MoE blocks, modules
+        given to :func:`register_router`) on the sampled passes: ``router_entropy_norm``,
+        ``router_top1``, ``expert_load_gini``, ``expert_active_ratio``,
+        ``expert_load_max_over_mean``, ``router_topk_jaccard`` (+ ``expert_over_capacity`` with
+        a capacity factor) per router (``/{qualified name}``, ``/router_{i}`` with
+        ``attention_names="index"``); padded tokens of a 2-D ``attention_mask`` are left out.
+    expert_grad_norms: with ``gradients``, also ``grad_norm/{experts module}.expert_{e}``: the
+        gradient norm of expert e's slices of the fused [E, ...] parameters of each module
+        whose class name ends in ``Experts`` (transformers 5.x). None (default): on when the
+        model has such parameters.
+
     Under ``torch.compile`` call ``watch`` before the first call of the compiled model (dynamo
     keeps the hooks a module had when it was compiled; a sampled forward that ran none of the
     attention hooks warns); the hooks run eagerly, one graph break at each hooked module, so
@@ -662,4 +708,6 @@ def watch(
         diagnostics=diagnostics if diagnostics is not None else TrainingDiagnostics(),
         include_eval=bool(include_eval),
         gradients_at=gradients_at,
+        routers=bool(routers),
+        expert_grad_norms=None if expert_grad_norms is None else bool(expert_grad_norms),
     )

@@ -42,6 +42,16 @@ USAGE = {name: i for i, name in enumerate(USAGE_FIELDS)}
 
 PARAM_FIELDS: tuple[str, ...] = ("gradient_norm", "param_norm", "weight_change")
 
+ROUTER_FIELDS: tuple[str, ...] = (
+    "entropy_norm",  # mean over the valid tokens of H(softmax(logits)) / log E
+    "top1",  # mean over the valid tokens of max softmax(logits)
+    "load_gini",  # Gini of the tokens per expert (top-k choices of the valid tokens)
+    "active_ratio",  # share of experts chosen by at least one token
+    "load_max_over_mean",  # max / mean of the tokens per expert
+    "topk_jaccard",  # mean per-token Jaccard of the top-k sets, now vs previous update
+    "over_capacity",  # share of the top-k assignments beyond ceil(cf * T * k / E) per expert
+)
+
 ATTENTION_FIELDS: tuple[str, ...] = (
     "entropy",  # mean per-head row entropy (nats)
     "sparsity",  # share of per-head entries > tau

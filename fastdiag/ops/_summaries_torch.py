@@ -12,7 +12,7 @@ from torch import Tensor
 from fastdiag.ops import jaccard as _jaccard
 from fastdiag.ops import norms as _norms
 from fastdiag.ops._dist_stats import HeadSlot, RowSlot, Slot
-from fastdiag.ops.usage import usage_stats
+from fastdiag.ops.usage import usage_counts, usage_stats
 from fastdiag.schema import EFFECTIVE_HEAD_ENTROPY
 
 
@@ -163,3 +163,14 @@ def attention_values_torch(sums: Tensor, rows: Tensor, nk: int, threshold: float
     effective = torch.where(count > 0, effective, nan)
     norm = u.sum() / ok.sum()
     return torch.stack([entropy, sparsity, top1, effective, norm])
+
+
+def over_capacity_torch(topk: Tensor, tokens: Tensor, num_experts: int, capacity_factor: float) -> Tensor:
+    """Share of the top-k assignments ``topk`` [T, k] (-1 = invalid token) beyond each expert's
+    capacity ``C = ceil(capacity_factor * tokens * k / E)``: ``sum_e max(c_e - C, 0) / sum_e c_e``
+    (float64 0-d, NaN without an assignment); ``tokens`` = the valid tokens (a 0-d tensor)."""
+    counts, _ = usage_counts(topk, num_experts)
+    c = counts.to(torch.float64)
+    k = topk.shape[-1]
+    cap = torch.ceil(tokens.to(torch.float64) * (capacity_factor * k / num_experts))
+    return (c - cap).clamp_min(0).sum() / c.sum()

@@ -12,6 +12,8 @@ one function producing one float64 vector whose layout is given by the ``*_FIELD
 * :func:`attention_values` the per-layer attention values of the training integration
   (per-head entropy, sparsity, top-1, effective heads, causal-aware normalised entropy;
   docs/metrics.md §5);
+* :func:`router_summary` the per-layer router values of the training integration (routing
+  entropy, confidence, expert load balance, routing stability, capacity overflow; §5);
 * :func:`param_norms`   gradient norm, parameter norm and change against the previous
   parameters (refreshed in place).
 
@@ -23,6 +25,7 @@ never a host synchronisation), as ``fastdiag.backends`` decides; the field layou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -31,12 +34,13 @@ from torch import Tensor
 from fastdiag import _extension, backends
 from fastdiag.ops import _summaries_layout as _layout
 from fastdiag.ops import _summaries_torch as _torch
-from fastdiag.ops._dist_stats import DistStats
+from fastdiag.ops._dist_stats import DistStats, Slot
 from fastdiag.ops._summaries_layout import (
     ATTENTION_FIELDS,
     DIST,
     DIST_FIELDS,
     PARAM_FIELDS,
+    ROUTER_FIELDS,
     USAGE,
     USAGE_FIELDS,
 )
@@ -46,12 +50,14 @@ __all__ = [
     "DIST",
     "DIST_FIELDS",
     "PARAM_FIELDS",
+    "ROUTER_FIELDS",
     "USAGE",
     "USAGE_FIELDS",
     "accumulate",
     "attention_values",
     "dist_summary",
     "param_norms",
+    "router_summary",
     "usage_summary",
 ]
 
@@ -150,3 +156,45 @@ def attention_values(sums: Tensor, rows: Tensor, nk: int, threshold: float) -> T
     """
     impl = backends.implementation("attention_values", sums.device, torch.float64)
     return impl(sums, rows, nk, threshold)
+
+
+def router_summary(
+    stats: DistStats,
+    num_experts: int,
+    *,
+    capacity_factor: float | None = None,
+    prev_top: Tensor | None = None,
+    prev_bitmap: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(float64 [len(ROUTER_FIELDS)], bool bitmap [E] of the experts chosen) of one router call.
+
+    stats: ``dist_stats(logits [T, E], from_logits=True, topk=k, row_mask=valid tokens)``
+    (invalid tokens have top-k -1 and count nowhere). With ``c_e`` = the number of valid tokens
+    whose top-k holds expert e (``usage_summary`` of the top-k indices), T the valid tokens:
+    entropy_norm = mean ``H(softmax) / log E`` (NaN for E = 1), top1 = mean softmax max,
+    load_gini = ``sum_ij |c_i - c_j| / (2 E sum c)``, active_ratio = share of experts with
+    ``c_e > 0``, load_max_over_mean = ``max c / mean c``, topk_jaccard = mean over the tokens
+    valid now and in ``prev_top`` (same shape) of the Jaccard of their top-k sets (NaN without
+    ``prev_top`` / ``prev_bitmap`` or when the shapes differ), over_capacity = share of the
+    assignments beyond ``ceil(capacity_factor * T * k / E)`` per expert (NaN without a
+    capacity factor). Everything NaN (not counted) when no token is valid.
+    """
+    dist, bitmap = dist_summary(stats, num_experts, prev_top=prev_top, prev_bitmap=prev_bitmap, jaccard=True)
+    usage, _ = usage_summary(stats.topk, num_experts)
+    nan = torch.full((), math.nan, dtype=torch.float64, device=dist.device)
+    if capacity_factor is None:
+        over = nan
+    else:
+        over = _torch.over_capacity_torch(stats.topk, stats.sums[Slot.COUNT], num_experts, float(capacity_factor))
+    values = torch.stack(
+        [
+            dist[DIST["entropy_norm"]],
+            dist[DIST["top1_mean"]],
+            usage[USAGE["gini"]],
+            usage[USAGE["active_ratio"]],
+            usage[USAGE["top1_share"]] * num_experts,
+            dist[DIST["topk_jaccard_per_query"]],
+            over.to(torch.float64),
+        ]
+    )
+    return values, bitmap
