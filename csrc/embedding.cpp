@@ -36,6 +36,30 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double COSINE_EPS = 1e-8;              // fastdiag/ops/_cosine_layout.py COSINE_EPS
 constexpr int64_t GRAM_BLOCK_ELEMS = 1 << 22;    // Gram entries per row block
 constexpr int64_t DIRECT_FLOPS = 1 << 15;        // k * k * D below this: plain loops, no GEMM call
+constexpr int SCALE_EXP = 30;                    // fastdiag/ops/embedding.py _SCALE_EXP
+
+// the L2 norm of a row of finite entries whose squares overflow a float64 sum (float64 rows
+// beyond ~1e154): scaled by the largest |entry| (inf only if the norm itself is not a double)
+template <typename T>
+double scaled_norm(const T* row, int64_t d) {
+  double big = 0.0;
+  for (int64_t j = 0; j < d; ++j) big = std::max(big, std::abs(static_cast<double>(row[j])));
+  if (big == 0.0) return 0.0;
+  double sq = 0.0;
+  for (int64_t j = 0; j < d; ++j) {
+    const double v = static_cast<double>(row[j]) / big;
+    sq += v * v;
+  }
+  return big * std::sqrt(sq);
+}
+
+template <typename T>
+bool all_finite(const T* row, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) {
+    if (!std::isfinite(static_cast<double>(row[j]))) return false;
+  }
+  return true;
+}
 
 int64_t row_block(int64_t m) { return std::max<int64_t>(256, (m + 255) / 256); }
 
@@ -50,18 +74,23 @@ void row_pass(const T* x, O* clean, int64_t m, int64_t d, double* norms, uint8_t
       for (int64_t r = b * rb; r < std::min(m, (b + 1) * rb); ++r) {
         const T* row = x + r * d;
         O* out = clean + r * d;
-        // finite row = finite norm, as the torch code decides: the squares of float32 / half
-        // values cannot overflow a float64 sum, so there it is exactly "no NaN / inf entry" (a
-        // float64 row with entries beyond ~1e154 also counts as non-finite, as in torch)
+        // finite row = no NaN / inf entry, as the torch code decides: the squares of float32 /
+        // half values cannot overflow a float64 sum, so a finite sum says it; a non-finite sum
+        // of a float64 row is checked entry by entry (entries beyond ~1e154: a scaled norm)
         double sq = 0.0;
 #pragma omp simd reduction(+ : sq)
         for (int64_t j = 0; j < d; ++j) {
           const double v = static_cast<double>(row[j]);
           sq += v * v;
         }
-        const bool finite = std::isfinite(sq);
+        bool finite = std::isfinite(sq);
+        double norm = finite ? std::sqrt(sq) : 0.0;
+        if (!finite && all_finite(row, d)) {
+          finite = true;
+          norm = scaled_norm(row, d);
+        }
         ok[r] = finite;
-        norms[r] = finite ? std::sqrt(sq) : 0.0;
+        norms[r] = norm;
         if (finite) {
           for (int64_t j = 0; j < d; ++j) {
             const double v = static_cast<double>(row[j]);
@@ -107,12 +136,26 @@ double centred_squares(const T* x, int64_t m, int64_t d, const uint8_t* ok, cons
   return total;
 }
 
-// sum and max of the off-diagonal cosines of the rows `rows` of `clean` ([m, d], zeroed rows)
+// sum and max of the off-diagonal cosines of the rows `rows` of `clean` ([m, d], zeroed rows).
+// Scale-free: when the largest drawn norm is beyond 2^(+-SCALE_EXP), the rows are scaled by a
+// power of two 1 / s (exact) before the dot products, and cos = <a', b'> / (|a'| |b'| + eps / s^2)
+// is the same formula (float32 dots of 1e19 rows would overflow, of 1e-30 rows underflow).
 template <typename O>
 std::pair<double, double> cosine_pass(const at::Tensor& clean2d, const std::vector<int64_t>& rows,
-                                      const double* norms) {
+                                      const double* norms, const uint8_t* ok) {
   const int64_t k = static_cast<int64_t>(rows.size());
   const int64_t d = clean2d.size(1);
+  double big = 0.0;
+  for (int64_t r : rows) {
+    if (ok[r]) big = std::max(big, norms[r]);
+  }
+  int e = 0;
+  if (big > 0.0 && std::isfinite(big)) std::frexp(big, &e);
+  if (e <= SCALE_EXP && e >= -SCALE_EXP) e = 0;
+  const double inv = std::ldexp(1.0, -e);                // 1 / s
+  const double eps = std::ldexp(COSINE_EPS, -2 * e);     // eps / s^2 (0 or inf at the extremes)
+  std::vector<double> rn(static_cast<size_t>(k));
+  for (int64_t i = 0; i < k; ++i) rn[i] = norms[rows[i]] * inv;
   if (k * k * d <= DIRECT_FLOPS) {  // small: the dots in float64 loops (both orders of a pair)
     const O* pc = clean2d.const_data_ptr<O>();
     double s = 0.0, mx = -std::numeric_limits<double>::infinity();
@@ -121,8 +164,8 @@ std::pair<double, double> cosine_pass(const at::Tensor& clean2d, const std::vect
       for (int64_t j = i + 1; j < k; ++j) {
         const O* b = pc + rows[j] * d;
         double dot = 0.0;
-        for (int64_t t = 0; t < d; ++t) dot += static_cast<double>(a[t]) * static_cast<double>(b[t]);
-        const double c = dot / (norms[rows[i]] * norms[rows[j]] + COSINE_EPS);
+        for (int64_t t = 0; t < d; ++t) dot += (static_cast<double>(a[t]) * inv) * (static_cast<double>(b[t]) * inv);
+        const double c = dot / (rn[i] * rn[j] + eps);
         s += 2.0 * c;
         mx = std::max(mx, c);
       }
@@ -130,10 +173,9 @@ std::pair<double, double> cosine_pass(const at::Tensor& clean2d, const std::vect
     return {s, mx};
   }
   auto idx = at::from_blob(const_cast<int64_t*>(rows.data()), {k}, at::TensorOptions().dtype(at::kLong)).clone();
-  const at::Tensor w = clean2d.index_select(0, idx);  // [k, d], O
+  at::Tensor w = clean2d.index_select(0, idx);  // [k, d], O
+  if (e != 0) w.mul_(inv);                       // a power of two: exact
   const at::Tensor wt = w.t();
-  std::vector<double> rn(static_cast<size_t>(k));
-  for (int64_t i = 0; i < k; ++i) rn[i] = norms[rows[i]];
   std::vector<double> rsum(static_cast<size_t>(k), 0.0);
   std::vector<double> rmax(static_cast<size_t>(k), -std::numeric_limits<double>::infinity());
   const int64_t bs = std::max<int64_t>(1, std::min<int64_t>(k, GRAM_BLOCK_ELEMS / std::max<int64_t>(k, 1)));
@@ -147,7 +189,7 @@ std::pair<double, double> cosine_pass(const at::Tensor& clean2d, const std::vect
         double s = 0.0, mx = -std::numeric_limits<double>::infinity();
         for (int64_t j = 0; j < k; ++j) {
           if (j == i) continue;
-          const double c = static_cast<double>(row[j]) / (rn[i] * rn[j] + COSINE_EPS);
+          const double c = static_cast<double>(row[j]) / (rn[i] * rn[j] + eps);
           s += c;
           mx = std::max(mx, c);
         }
@@ -224,8 +266,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_stats(const at::Tensor& x_in, const
   const double pairs = static_cast<double>(v) * static_cast<double>(v - 1);
   if (rows.size() >= 2 && pairs > 0) {
     const at::Tensor clean2d = clean.view({m, d});
-    const auto sm = out_type == at::kDouble ? cosine_pass<double>(clean2d, rows, norms.data())
-                                            : cosine_pass<float>(clean2d, rows, norms.data());
+    const auto sm = out_type == at::kDouble ? cosine_pass<double>(clean2d, rows, norms.data(), ok.data())
+                                            : cosine_pass<float>(clean2d, rows, norms.data(), ok.data());
     o[2] = sm.first / pairs;
     o[3] = sm.second;
   }

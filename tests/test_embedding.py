@@ -228,3 +228,36 @@ def test_torch_compile_fullgraph_cpu_op(backend):
     want = embedding_raw(x, sample=None)
     torch.testing.assert_close(got[0], want[0], equal_nan=True)
     torch.testing.assert_close(got[1], want[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# scale (case 11b of the reliability issue)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", available_backends("cpu"))
+@pytest.mark.parametrize(
+    "scale, dtype", [(1e19, torch.float32), (1e30, torch.float32), (1e-30, torch.float32), (1e200, torch.float64)]
+)
+@pytest.mark.parametrize("m", [10, 64])  # 64 rows: the C++ op's Gram matrix goes through a GEMM
+def test_huge_and_tiny_scales_against_float64(backend, name, scale, dtype, m):
+    """Finite rows stay finite at any scale (the squared norm of 1e19 rows overflows float32);
+    every value against the float64 formulas, returned in float64: the variance of 1e19 data is
+    ~1e38 and of 1e30 data ~1e60 (finite), of float64 1e200 data inf (1e400 is not representable)."""
+    backend(name)
+    x = (torch.randn(m, 64, generator=torch.Generator().manual_seed(13), dtype=torch.float64) * scale).to(dtype)
+    want = golden(x)
+    if dtype == torch.float64:  # the oracle's own float64 norms overflow: from x / scale, exactly rescaled
+        want = golden(x / scale)
+        want["norm_mean"] *= scale
+        want["variance"] *= scale * scale  # inf: 1e400 is not a float64
+    assert want["nonfinite_rows"] == 0
+    for sample in (None, 100):
+        got = embedding_stats(x, sample=sample, generator=torch.Generator().manual_seed(1))
+        assert got.nonfinite_rows.item() == 0
+        assert got.variance.dtype == torch.float64
+        for key in ("variance", "norm_mean"):
+            assert getattr(got, key).item() == pytest.approx(want[key], rel=1e-5), key
+        for key in ("cosine_mean", "cosine_max"):  # cosines in [-1, 1]: float32 absolute error
+            assert getattr(got, key).item() == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+        assert torch.equal(got.finite_rows, x.reshape(-1, 64))

@@ -53,7 +53,9 @@ def raise_flags(raw: Mapping[str, float], messages: Mapping[str, str]) -> None:
             raise ValueError(message)
 
 
-def report_flags(raw: Mapping[str, float], flags: Mapping[str, tuple[str, str]]) -> dict[str, float]:
+def report_flags(
+    raw: Mapping[str, float], flags: Mapping[str, tuple[str, str]], stacklevel: int = 4
+) -> dict[str, float]:
     """The epoch's error counts, reported instead of raised: for each internal flag (a mean count
     per update) > 0 this epoch, one RuntimeWarning (``message`` formatted with ``{value}``) and the
     entry ``public key -> value`` of the returned dict. ``flags``: internal key -> (public key,
@@ -64,7 +66,7 @@ def report_flags(raw: Mapping[str, float], flags: Mapping[str, tuple[str, str]])
         value = raw.get(key, 0.0)
         if value > 0:
             out[public] = value
-            warnings.warn(message.format(value=value), RuntimeWarning, stacklevel=4)
+            warnings.warn(message.format(value=value), RuntimeWarning, stacklevel=stacklevel)
     return out
 
 
@@ -72,7 +74,7 @@ ROWSUM_TOLERANCE = 1e-3  # mean |row sum - 1| above which probabilities are repo
 
 
 def rowsum_warnings(
-    raw: Mapping[str, float], inputs: Mapping[str, tuple[str, str, str]], warned: set[str]
+    raw: Mapping[str, float], inputs: Mapping[str, tuple[str, str, str]], warned: set[str], stacklevel: int = 4
 ) -> None:
     """Warn (once per object: ``warned`` holds the names already reported) for each input whose
     mean |row sum - 1| this epoch is > ``ROWSUM_TOLERANCE``. ``inputs``: argument name ->
@@ -88,7 +90,7 @@ def rowsum_warnings(
                 f"{name} rows do not sum to 1 (mean |sum-1| = {err / rows:.3g}){hint}; "
                 "the statistics that assume probabilities are not meaningful",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=stacklevel,
             )
 
 

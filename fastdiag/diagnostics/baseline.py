@@ -286,7 +286,7 @@ class BaselineAttentionDiagnostics(Diagnostics):
         return super().get_epoch_stats(sync_dist, process_group)
 
     def _epoch_values(self, raw: dict[str, float]) -> dict[str, float]:
-        rowsum_warnings(raw, _ROWSUM, self._rowsum_warned)
+        rowsum_warnings(raw, _ROWSUM, self._rowsum_warned, stacklevel=5)  # the caller of get_epoch_stats
         return super()._epoch_values(raw)
 
     def state_dict(self) -> dict[str, Any]:

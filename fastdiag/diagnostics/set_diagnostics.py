@@ -390,8 +390,9 @@ class SetDiagnostics(Diagnostics):
                 "{value:.4g} entries >= num_sets per update (mean); they were excluded from every "
                 f"statistic and are reported in {OUT_OF_RANGE_KEY}",
             )},
+            stacklevel=5,  # the caller of SetDiagnostics.get_epoch_stats
         )
-        rowsum_warnings(raw, _ROWSUM, self._rowsum_warned)
+        rowsum_warnings(raw, _ROWSUM, self._rowsum_warned, stacklevel=5)
         max_id = raw.get(_TOKEN_MAX, 0.0)
         overflow = raw.get(_TOKEN_OVERFLOW, 0.0)
         if overflow > 0:

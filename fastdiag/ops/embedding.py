@@ -44,6 +44,9 @@ from fastdiag.ops.cosine import check_sample, cosine_stats
 __all__ = ["EMBEDDING_FIELDS", "EmbeddingStats", "embedding_raw", "embedding_stats", "embedding_torch"]
 
 EMBEDDING_FIELDS = ("variance", "norm_mean", "cosine_mean", "cosine_max", "nonfinite_rows")
+# rows whose largest |entry| is beyond 2^SCALE_EXP (or below 2^-SCALE_EXP) are rescaled by a
+# power of two before squaring (csrc/embedding.cpp uses the same bound)
+_SCALE_EXP = 30
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,27 +74,45 @@ def embedding_torch(x: Tensor, perm: Tensor | None, sample: int) -> tuple[Tensor
     m = rows.shape[0]
     device = rows.device
     nan = torch.full((), math.nan, dtype=torch.float64, device=device)
-    norms = torch.linalg.vector_norm(rows, dim=1)  # NaN / inf exactly for the non-finite rows
-    valid = torch.isfinite(norms)
+    # finite row = no NaN / inf entry (amax propagates NaN), whatever its scale: a norm of
+    # finite entries may overflow (1e19 in float32) and must not make the row non-finite
+    amax = rows.abs().amax(1) if rows.shape[1] else rows.new_zeros(m)
+    valid = torch.isfinite(amax)
     n = valid.sum().to(torch.float64)
-    clean = torch.where(valid[:, None], rows, torch.zeros((), dtype=rows.dtype, device=device))
+    zero = torch.zeros((), dtype=rows.dtype, device=device)
+    clean = torch.where(valid[:, None], rows, zero)
+    # scale-free: rows whose largest |entry| is outside [2^-SCALE_EXP, 2^SCALE_EXP] are scaled
+    # by a power of two s (exact) so that it lies in [0.5, 1) before the norms and the squares;
+    # the float64 results are scaled back (variance * s^2 may be inf: then it is not representable
+    # in float64). Within the range s = 1 and every value is what it was.
+    big = torch.where(valid, amax, zero).amax() if m else zero
+    _, exp = torch.frexp(big.to(torch.float64))
+    rescale = (big > 0) & ((exp > _SCALE_EXP) | (exp < -_SCALE_EXP))
+    exp = torch.where(rescale, exp, torch.zeros_like(exp))
+    scaled = torch.ldexp(clean, -exp.to(clean.dtype))  # = clean when exp == 0
+    s = torch.ldexp(torch.ones((), dtype=torch.float64, device=device), exp.to(torch.float64))
+    norms = torch.linalg.vector_norm(scaled, dim=1).to(torch.float64) * s
     # two passes over all M rows (zeroed ones included): c = column mean, q = sum (x - c)^2;
     # the n finite rows have mean mu = M c / n and
     # sum_finite (x - mu)^2 = q - (M - n) c^2 - n (mu - c)^2   (= q when every row is finite)
-    c = clean.sum(0) / max(m, 1)
-    q = (clean - c).square().sum(0).to(torch.float64)
+    c = scaled.sum(0) / max(m, 1)
+    q = (scaled - c).square().sum(0).to(torch.float64)
     c = c.to(torch.float64)
     mu = m * c / n
-    variance = ((q - (m - n) * c.square() - n * (mu - c).square()) / (n - 1)).mean()
-    norm_mean = torch.where(valid, norms, torch.zeros_like(norms)).to(torch.float64).sum() / n
+    variance = ((q - (m - n) * c.square() - n * (mu - c).square()) / (n - 1)).mean() * (s * s)
+    norm_mean = torch.where(valid, norms, torch.zeros_like(norms)).sum() / n
     variance = torch.where(n > 1, variance, nan)
     cosine_mean = cosine_max = nan
     if m >= 2:
+        # huge rows: the cosines of the scaled rows (cos = <a, b> / (|a| |b| + 1e-8) with
+        # |a| |b| >= 2^(2 SCALE_EXP): the 1e-8 is below float32 resolution either way); tiny
+        # rows: of the rows as they are (their cosines are ~0, below the 1e-8, as in float64)
+        source = torch.where(exp > 0, scaled, clean) if m >= 2 else clean
         if perm is None:
-            drawn, k, v = clean, m, n
+            drawn, k, v = source, m, n
         else:
             idx = perm[: min(sample, m)].to(device, non_blocking=True)
-            drawn, k, v = clean[idx], idx.numel(), valid[idx].sum().to(torch.float64)
+            drawn, k, v = source[idx], idx.numel(), valid[idx].sum().to(torch.float64)
         cos = cosine_stats(drawn)
         # zeroed rows have cosine 0 with every row: rescale the mean to the pairs of finite rows
         pairs = v * (v - 1)
