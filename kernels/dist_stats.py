@@ -24,8 +24,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from fastdiag import backends
-from fastdiag.ops._dist_stats import MAX_TOPK, HeadSlot, RowSlot, Slot
+from fastdiag.ops._dist_stats_layout import MAX_TOPK, HeadSlot, RowSlot, Slot, fake
 
 # Launch geometry, read at every call (tests lower them to reach the multi-block and two-stage
 # paths on small shapes). GPU choices for a bandwidth-bound op whose floor is one read of x4
@@ -534,7 +533,7 @@ def _is_fake(t: Tensor) -> bool:
 
 def _fast_log(dev: torch.device) -> bool:
     """PTX inline asm (lg2.approx, bf16 unpack): NVIDIA GPUs only (not ROCm, not the interpreter)."""
-    return dev.type == "cuda" and torch.version.hip is None and not backends.triton_interpreting()
+    return dev.type == "cuda" and torch.version.hip is None and not _interpreting
 
 
 def _pow2(v: int) -> int:
@@ -590,7 +589,7 @@ def _dist_stats_impl(
         raise ValueError(f"x4 must be 4-d [A, G, C, N], got shape {tuple(x4.shape)}")
     if not 0 <= topk <= MAX_TOPK:
         raise ValueError(f"topk must be in [0, {MAX_TOPK}], got {topk}")
-    if x4.device.type == "cpu" and not backends.triton_interpreting():
+    if x4.device.type == "cpu" and not _interpreting:
         raise RuntimeError(
             "the triton backend needs a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors"
         )
@@ -600,7 +599,7 @@ def _dist_stats_impl(
     rows_out = torch.empty((r if want_rows else 0, RowSlot.NUM), dtype=torch.float32, device=dev)
     topk_out = torch.empty((r, topk), dtype=torch.int64, device=dev)
     head_fill = 0.0 if want_heads else float("nan")
-    if r == 0 or n == 0 or (_INTERPRET and _is_fake(x4)):
+    if r == 0 or n == 0 or (_interpreting and _is_fake(x4)):
         sums = torch.zeros(Slot.NUM, dtype=torch.float64, device=dev)
         head_sums = torch.full((g_dim, HeadSlot.NUM), head_fill, dtype=torch.float64, device=dev)
         return sums, head_sums, rows_out, topk_out
@@ -667,7 +666,7 @@ def _dist_stats_impl(
             FAST_BF16=_fast_log(dev)
             and x4.dtype == torch.bfloat16
             and cfg["BLOCK_R"] * cfg["BLOCK_N"] >= 64 * cfg["num_warps"],  # 2+ values per thread
-            FUSED=not backends.triton_interpreting(),
+            FUSED=not _interpreting,
             BLOCK_R=cfg["BLOCK_R"],
             BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"],
@@ -702,16 +701,28 @@ def _dist_stats_impl(
     return sums, head_sums, rows_out, topk_out
 
 
-# Compiled Triton: a triton_op, so torch.compile sees (and Inductor schedules) the kernels.
-# Under TRITON_INTERPRET=1 wrap_triton returns the interpreted kernel itself, which cannot run on
-# fake or functional tensors; there the same launcher is an opaque custom op with a fake impl.
-_INTERPRET = backends.triton_interpreting()
-if _INTERPRET:
-    dist_stats_triton = torch.library.custom_op("fastdiag::dist_stats_triton", mutates_args=())(
-        _dist_stats_impl
-    )
-    dist_stats_triton.register_fake(_dist_stats_impl)  # allocates outputs, launches nothing
-else:
-    # (wrap_triton is called by its bare name in the launcher: torch finds the kernels of a
-    # triton_op by reading its source, to key the AOTAutograd cache on them)
-    dist_stats_triton = triton_op("fastdiag::dist_stats_triton", mutates_args=())(_dist_stats_impl)
+_interpreting = False  # set once by register(), from fastdiag.backends' TRITON_INTERPRET switch
+_op = None
+
+
+def register(interpreting: bool):
+    """Register ``fastdiag::dist_stats_triton`` once and return it.
+
+    Compiled Triton: a ``triton_op``, so torch.compile sees (and Inductor schedules) the kernels.
+    Under the interpreter (``interpreting``, decided by ``fastdiag.backends``) ``wrap_triton``
+    returns the interpreted kernel itself, which cannot run on fake or functional tensors: there
+    the same launcher is an opaque custom op whose fake is the layout's.
+    """
+    global _interpreting, _op
+    if _op is None:
+        _interpreting = interpreting
+        if interpreting:
+            _op = torch.library.custom_op("fastdiag::dist_stats_triton", mutates_args=())(
+                _dist_stats_impl
+            )
+            _op.register_fake(fake)
+        else:
+            # (wrap_triton is called by its bare name in the launcher: torch finds the kernels
+            # of a triton_op by reading its source, to key the AOTAutograd cache on them)
+            _op = triton_op("fastdiag::dist_stats_triton", mutates_args=())(_dist_stats_impl)
+    return _op

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastdiag import _extension, backends
-from fastdiag.ops import _dist_stats_dispatch as dispatch
+from fastdiag.ops import _dist_stats_layout as layout
 from fastdiag.ops._dist_stats import HeadSlot, RowSlot, Slot, dist_stats
 from fastdiag.ops._dist_stats_torch import dist_stats_torch
 from tests.conftest import op_args
@@ -266,7 +266,7 @@ def test_empty_rows(op):
 
 
 def test_schema_matches_the_shared_one(op):
-    want = torch._C.parse_schema("fastdiag::dist_stats_cpu" + dispatch.SCHEMA)
+    want = torch._C.parse_schema("fastdiag::dist_stats_cpu" + layout.SCHEMA)
     assert str(op._schema) == str(want)
 
 

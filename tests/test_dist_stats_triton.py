@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fastdiag import backends
-from fastdiag.ops._dist_stats import HeadSlot, RowSlot, Slot
+from fastdiag.ops._dist_stats_layout import HeadSlot, RowSlot, Slot
 
 if not backends.triton_available():  # pragma: no cover - depends on the install
     pytest.skip("triton does not import", allow_module_level=True)
@@ -30,7 +30,9 @@ if not torch.cuda.is_available() and not backends.triton_interpreting():  # prag
 from fastdiag.kernels import dist_stats as K  # noqa: E402
 
 from fastdiag.ops._dist_stats_torch import dist_stats_torch  # noqa: E402
-from tests.conftest import op_args
+from tests.conftest import op_args  # noqa: E402
+
+OP = K.register(interpreting=backends.triton_interpreting())  # fastdiag::dist_stats_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -120,7 +122,7 @@ def run(args, monkeypatch=None, **consts):
     if consts:
         for name, value in consts.items():
             monkeypatch.setattr(K, name, value)
-    return K.dist_stats_triton(*args)
+    return OP(*args)
 
 
 def assert_same(out, ref, rtol=1e-4, atol=1e-6, topk=True):
@@ -326,7 +328,7 @@ def test_without_heads(g, from_logits):
     mask = torch.tensor([True, False, True, True, True] * 2, device=DEV)
     args = op_args(x, mask=mask, logits=from_logits, topk=3, window=1, qoff=1)
     on = run(args)
-    off = K.dist_stats_triton(*args, False)
+    off = OP(*args, False)
     assert off[1].shape == on[1].shape == (g, HeadSlot.NUM) and off[1].isnan().all()
     assert not on[1].isnan().any()
     assert_same(off, (on[0], off[1], on[2], on[3]), rtol=1e-6, atol=1e-7)
@@ -340,8 +342,8 @@ def test_without_heads_multi_block(monkeypatch):
     args = op_args(x, logits=True, topk=4, window=2)
     for name, value in dict(TILE_N_MAX=16, LOOP_BLOCK_N=16, FINAL_CHUNK=2).items():
         monkeypatch.setattr(K, name, value)
-    off = K.dist_stats_triton(*args, False)
-    on = K.dist_stats_triton(*args, True)
+    off = OP(*args, False)
+    on = OP(*args, True)
     assert off[1].isnan().all() and not on[1].isnan().any()
     assert_same(off, (on[0], off[1], on[2], on[3]), rtol=1e-6, atol=1e-7)
     assert_same(off, dist_stats_torch(*args, False))
@@ -369,7 +371,7 @@ def test_without_rows_and_topk():
 
 def test_empty_rows():
     x = torch.zeros(2, 3, 0, 5, device=DEV)
-    out = K.dist_stats_triton(*op_args(x, topk=2))
+    out = OP(*op_args(x, topk=2))
     assert torch.equal(out[0].cpu(), torch.zeros(Slot.NUM, dtype=torch.float64))
     assert out[1].shape == (3, HeadSlot.NUM) and out[3].shape == (0, 2)
 
@@ -429,7 +431,7 @@ def test_int64_offsets_with_huge_strides():
 
 def test_bad_topk_names_itself():
     with pytest.raises(ValueError, match="topk"):
-        K.dist_stats_triton(*op_args(softmax(1, 1, 2, 20), topk=17))
+        OP(*op_args(softmax(1, 1, 2, 20), topk=17))
 
 
 # --------------------------------------------------------------------------- tracing
@@ -438,9 +440,9 @@ def test_bad_topk_names_itself():
 def test_opcheck():
     x = softmax(1, 2, 3, 6, seed=16)
     mask = torch.tensor([True, False, True], device=DEV)
-    torch.library.opcheck(K.dist_stats_triton, op_args(x, topk=2, window=1))
+    torch.library.opcheck(OP, op_args(x, topk=2, window=1))
     # opcheck compares outputs without equal_nan: no per-row outputs (NaN for masked rows)
-    torch.library.opcheck(K.dist_stats_triton, op_args(x, mask=mask, topk=2, rows=False))
+    torch.library.opcheck(OP, op_args(x, mask=mask, topk=2, rows=False))
 
 
 def test_torch_compile_fullgraph():
@@ -448,7 +450,7 @@ def test_torch_compile_fullgraph():
     args = op_args(x, topk=2, window=1)
 
     def step(t):
-        return K.dist_stats_triton(t, *args[1:])
+        return OP(t, *args[1:])
 
     # Inductor sees the kernels on CUDA; under the interpreter the op is opaque to it
     compiled = torch.compile(
@@ -463,6 +465,7 @@ _TRACE_SCRIPT = textwrap.dedent(
     from torch._functorch.aot_autograd import aot_export_module
     from torch._subclasses.fake_tensor import FakeTensorMode
     from fastdiag.kernels import dist_stats as K
+    OP = K.register(interpreting=False)
 
     hop = torch.ops.higher_order.triton_kernel_wrapper_functional
     src = lambda node: (node.args[0], node.args[1])  # getitem(call, key)
@@ -470,7 +473,7 @@ _TRACE_SCRIPT = textwrap.dedent(
 
         class M(torch.nn.Module):
             def forward(self, x, m):
-                return K.dist_stats_triton(x, m, logits, 5, 0.1, 1e-6, 2, 0, 64, True)
+                return OP(x, m, logits, 5, 0.1, 1e-6, 2, 0, 64, True)
 
         with FakeTensorMode():
             x = torch.empty(2, 4, 64, n, dtype=torch.bfloat16, device="cuda")
@@ -512,7 +515,7 @@ def test_tensor_over_2_31_elements():
     x = torch.full((1, 1, rows, n), 1.0 / n, dtype=torch.bfloat16, device="cuda")
     x[0, 0, -2] = 0
     x[0, 0, -2, 7] = 1  # a one-hot row past element 2^31
-    out = K.dist_stats_triton(*op_args(x, topk=2))
+    out = OP(*op_args(x, topk=2))
     tail = out[2][-3:].cpu()
     assert tail[1, RowSlot.ENTROPY].item() == 0.0 and out[3][-2].tolist() == [7, 0]
     assert tail[0, RowSlot.ENTROPY].item() == pytest.approx(math.log(n), rel=1e-5)
@@ -524,7 +527,7 @@ def test_tensor_over_2_31_elements():
 def test_second_gpu():
     x = softmax(2, 3, 4, 50, seed=18).to("cuda:1")
     args = op_args(x, topk=3, window=2)
-    out = K.dist_stats_triton(*args)
+    out = OP(*args)
     assert all(t.device == x.device for t in out)
     assert_same(out, dist_stats_torch(*args))
 
@@ -534,4 +537,4 @@ def test_benchmark_shape_matches_torch():
     # the GPU target shape class: bf16 attention, heads reduced while reading, N = 2048
     x = softmax(1, 16, 64, 2048, seed=19).bfloat16()
     args = op_args(x, topk=5, window=16)
-    assert_same(K.dist_stats_triton(*args), dist_stats_torch(*args))
+    assert_same(OP(*args), dist_stats_torch(*args))

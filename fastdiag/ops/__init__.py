@@ -17,7 +17,6 @@ Every op keeps its results on the input's device and picks its backend through
 """
 
 from fastdiag.ops import (
-    _dist_stats_dispatch,  # noqa: F401  (registers the fastdiag:: custom ops)
     jaccard,
     norms,
     summaries,

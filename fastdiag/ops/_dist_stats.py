@@ -40,51 +40,43 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from fastdiag import _extension, backends
+from fastdiag.ops._dist_stats_layout import MAX_TOPK, HeadSlot, RowSlot, Slot, fake
+from fastdiag.ops._dist_stats_torch import dist_stats_torch_op
 
-class Slot:
-    """Slots of ``DistStats.sums`` (float64 [Slot.NUM]); every backend writes exactly these."""
+__all__ = [
+    "MAX_TOPK",
+    "DistStats",
+    "HeadSlot",
+    "RowSlot",
+    "Slot",
+    "dist_stats",
+    "mean",
+    "median",
+    "std",
+]
 
-    COUNT = 0  # valid rows
-    ENTROPY = 1  # sum of row entropy
-    ENTROPY_SQ = 2  # sum of row entropy^2
-    MAX = 3  # sum of row max (top-1)
-    MAX_SQ = 4  # sum of row max^2
-    SUMSQ = 5  # sum over rows of sum_j p_j^2
-    GT_TAU = 6  # entries > tau
-    GT_EPS = 7  # entries > eps
-    ROWSUM_ERR = 8  # sum of |rowsum - 1|
-    ROWSUM_ERR_MAX = 9  # max of |rowsum - 1|  (max-reduced, 0 when no valid row)
-    FUTURE = 10  # sum of future mass
-    FUTURE_MAX = 11  # max of future mass  (max-reduced, 0 when no valid row)
-    LOCAL = 12  # sum of local mass (0 when window is None)
-    ABS_DEV = 13  # sum of mean_j |p_j - 1/N|
-    NONFINITE = 14  # rows excluded for non-finite entries (mask-allowed rows only)
-    MASKED = 15  # rows excluded by row_mask
-    NUM = 16
-    MAX_REDUCED = (ROWSUM_ERR_MAX, FUTURE_MAX)
+_extension.register_fake("dist_stats_cpu", fake)
 
 
-class HeadSlot:
-    """Columns of ``DistStats.head_sums`` [G, HeadSlot.NUM] (float64 sums over valid rows)."""
+def _triton_impl():
+    from fastdiag.kernels import dist_stats as kernel
 
-    ENTROPY = 0
-    MAX = 1
-    GT_TAU = 2
-    SUMSQ = 3
-    NUM = 4
+    # Compiled Triton is a triton_op (torch.compile sees and schedules the kernels); under the
+    # interpreter the same launcher is an opaque custom op with a fake: the switch says which
+    return kernel.register(interpreting=backends.triton_interpreting())
 
 
-class RowSlot:
-    """Columns of ``DistStats.rows`` [*L, RowSlot.NUM] (float32, NaN for invalid rows)."""
-
-    ENTROPY = 0
-    MAX = 1
-    GT_EPS = 2
-    SUMSQ = 3
-    NUM = 4
-
-
-MAX_TOPK = 16
+backends.register(
+    "dist_stats",
+    {
+        "triton": backends.Impl(_triton_impl, devices=("cuda",)),
+        "cpu": backends.Impl(
+            lambda: _extension.op("dist_stats_cpu"), devices=("cpu",), kernel="dist_stats_cpu"
+        ),
+        "torch": backends.Impl(lambda: dist_stats_torch_op),
+    },
+)
 
 
 class DistStats(NamedTuple):
@@ -225,9 +217,8 @@ def dist_stats(
     if row_mask is not None:
         mask = row_mask.reshape(nrows).to(torch.bool)
     query_len = lead[-1] if lead else 1
-    from fastdiag.ops import _dist_stats_dispatch  # imported here: it imports this module
-
-    sums, head_sums, row_out, topk_out = _dist_stats_dispatch.run(
+    run = backends.implementation("dist_stats", x4.device, x4.dtype)
+    sums, head_sums, row_out, topk_out = run(
         x4,
         mask,
         bool(from_logits),
@@ -236,7 +227,7 @@ def dist_stats(
         float(eps),
         -1 if window is None else int(window),
         int(query_offset),
-        int(query_len),
+        query_len,
         bool(rows),
         bool(heads),
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdiag.ops._dist_stats import HeadSlot, RowSlot, Slot
+from fastdiag.ops._dist_stats_layout import HeadSlot, RowSlot, Slot, fake
 
 CHUNK_ELEMS = 1 << 22  # input elements per chunk when every head is used elementwise
 ROW_CHUNK_ELEMS = 1 << 19  # head-mean elements per chunk (2 MB of float32: cache-sized)
@@ -263,3 +263,36 @@ def dist_stats_torch(
     if topk > 0:
         topk_out.masked_fill_(~valid[:, None], -1)
     return sums, head_sums, rows_out, topk_out
+
+
+# the torch backend as a custom op: torch.compile traces through its fake, not its Python
+@torch.library.custom_op("fastdiag::dist_stats_torch", mutates_args=())
+def dist_stats_torch_op(
+    x4: Tensor,
+    row_mask: Tensor | None,
+    from_logits: bool,
+    topk: int,
+    tau: float,
+    eps: float,
+    window: int,
+    query_offset: int,
+    query_len: int,
+    want_rows: bool,
+    want_heads: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return dist_stats_torch(
+        x4,
+        row_mask,
+        from_logits,
+        topk,
+        tau,
+        eps,
+        window,
+        query_offset,
+        query_len,
+        want_rows,
+        want_heads,
+    )
+
+
+dist_stats_torch_op.register_fake(fake)
