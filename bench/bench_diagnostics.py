@@ -36,7 +36,6 @@ import torch
 import fastdiag
 from fastdiag import backends, reference
 from fastdiag.diagnostics import BaselineAttentionDiagnostics, SetDiagnostics
-from fastdiag.ops import spectral
 
 SET_SHAPE = dict(b=32, n=512, s=64, d=512, vocab=50257)
 BASELINE_SHAPE = (8, 12, 512, 512)
@@ -155,9 +154,9 @@ def measure(device: str = "cpu", rounds: int = 5) -> list[dict]:
     """Rows of the table: one per (case, implementation)."""
     cases = [
         ("SetDiagnostics", "B=32 N=512 S=64 D=512", set_inputs(device), _set_update,
-         reference.SetDiagnostics, SetDiagnostics),
+         reference.ReferenceSetDiagnostics, SetDiagnostics),
         ("BaselineAttentionDiagnostics", "[8, 12, 512, 512]", baseline_inputs(device), _baseline_update,
-         reference.BaselineAttentionDiagnostics, BaselineAttentionDiagnostics),
+         reference.ReferenceBaselineAttentionDiagnostics, BaselineAttentionDiagnostics),
     ]
     rows = []
     for name, shape, inputs, make, ref_cls, fd_cls in cases:
@@ -185,8 +184,8 @@ def environment(device: str) -> dict:
         python=platform.python_version(),
         threads=torch.get_num_threads(),
         backend_requested=backends.get_backend(),
-        dist_stats_backend=backends.resolve(torch.device(device)),
-        spectral_path=spectral._path(device_type, index),
+        dist_stats_backend=backends.resolve("dist_stats", torch.device(device), torch.float32),
+        spectral_path=backends.resolve("spectral_stats", torch.device(device_type, index), torch.float32),
         load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     )
     env["device"] = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
@@ -238,19 +237,19 @@ def _bench(benchmark, fn, rounds):
 
 @pytest.mark.parametrize("impl", ["reference", "fastdiag"])
 def test_set_diagnostics_update(benchmark, set_kwargs, impl):
-    cls = reference.SetDiagnostics if impl == "reference" else SetDiagnostics
+    cls = reference.ReferenceSetDiagnostics if impl == "reference" else SetDiagnostics
     benchmark.group = "SetDiagnostics B=32 N=512 S=64 D=512"
     benchmark.extra_info["syncs_per_update"] = syncs_per_update(_set_update(cls(), set_kwargs), DEVICE)
-    benchmark.extra_info["backend"] = backends.resolve(torch.device(DEVICE))
+    benchmark.extra_info["backend"] = backends.resolve("dist_stats", torch.device(DEVICE), torch.float32)
     _bench(benchmark, _set_update(cls(), set_kwargs), rounds=5)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fastdiag"])
 def test_baseline_diagnostics_update(benchmark, baseline_args, impl):
-    cls = reference.BaselineAttentionDiagnostics if impl == "reference" else BaselineAttentionDiagnostics
+    cls = reference.ReferenceBaselineAttentionDiagnostics if impl == "reference" else BaselineAttentionDiagnostics
     benchmark.group = "BaselineAttentionDiagnostics [8, 12, 512, 512]"
     benchmark.extra_info["syncs_per_update"] = syncs_per_update(_baseline_update(cls(), baseline_args), DEVICE)
-    benchmark.extra_info["backend"] = backends.resolve(torch.device(DEVICE))
+    benchmark.extra_info["backend"] = backends.resolve("dist_stats", torch.device(DEVICE), torch.float32)
     _bench(benchmark, _baseline_update(cls(), baseline_args), rounds=3)
 
 
