@@ -149,3 +149,20 @@ def test_torch_compile_fullgraph_cpu_op():
         torch.testing.assert_close(got, want, equal_nan=True)
     for a, b in zip(compiled_state, eager_state, strict=True):
         assert torch.equal(a, b)  # the in-place updates happened under compile too
+
+
+def test_grow_is_bounded_and_load_state_dict_validates():
+    """Case 5: grow() never makes more than its maximum capacity, whatever the id; a state whose
+    capacity does not match its tables is a ValueError (not an inconsistent table)."""
+    from fastdiag.ops.token_table import MAX_TOKEN_CAPACITY
+
+    table = TokenTable(8)
+    table.update_values(torch.tensor([1, 2**40]), torch.tensor([0, 1]))
+    table.grow(2**40, max_capacity=64)
+    assert table.capacity == 64 and table.keys.numel() == 65
+    table.grow(2**62)
+    assert table.capacity == MAX_TOKEN_CAPACITY
+    state = TokenTable(8).state_dict()
+    TokenTable(8).load_state_dict(state)
+    with pytest.raises(ValueError, match="keys must be None or an int64 tensor of shape"):
+        TokenTable(8).load_state_dict({**state, "capacity": 4, "keys": torch.zeros(9, dtype=torch.long)})

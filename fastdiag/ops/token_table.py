@@ -169,6 +169,19 @@ class TokenTable:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, validated first (a ValueError names the problem;
+        nothing is assigned on an error)."""
+        if not isinstance(state, Mapping) or set(state) != {"capacity", "keys", "vals", "max_id"}:
+            got = sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"token table state must be a dict with keys capacity, keys, vals, max_id, got {got}")
+        cap = state["capacity"]
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"token table capacity must be a positive int, got {cap!r}")
+        for name, shape in (("keys", (cap + 1,)), ("vals", (cap + 1,)), ("max_id", ())):
+            t = state[name]
+            if t is not None and (not isinstance(t, Tensor) or t.dtype != torch.int64 or tuple(t.shape) != shape):
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"token table {name} must be None or an int64 tensor of shape {shape}, got {got}")
         self.capacity = int(state["capacity"])
         self.keys = None if state["keys"] is None else state["keys"].clone()
         self.vals = None if state["vals"] is None else state["vals"].clone()
