@@ -58,7 +58,7 @@ def epoch_metrics(epoch: int, run: int) -> dict[str, float]:
         out[f"attention_effective_heads/{name}"] = 0.25 * (1 + (layer + epoch) % 4)
         for p, param in enumerate(PARAMS):
             key = f"layers.{layer}.{param}"
-            scale = 10.0 ** (-(p % 4))
+            scale = 10.0 ** (-(p % 3))
             out[f"grad_norm/{key}"] = (
                 scale * (1.0 + math.exp(-5 * t)) * (1 + 0.1 * math.cos(epoch * p))
             )

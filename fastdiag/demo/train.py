@@ -2,7 +2,9 @@
 
 Each model is one run of ``<out>/demo.db``: per step the loss and the total gradient norm
 (logged as 0-d tensors: no host sync in the loop), per epoch the diagnostics' epoch values
-plus train / validation loss. At the end: the health verdicts of each run, the
+plus train / validation loss and the top-1 rules' chance companions
+(``baseline/attention_top1_mean_chance`` = H_N / N for the causal rows of N tokens,
+``ausa/router_confidence_mean_chance`` = 1 / S for S sets; see ``fastdiag.schema``). At the end: the health verdicts of each run, the
 baseline-vs-set-routing comparison table, and ``<out>/demo_report.html``.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -25,7 +27,7 @@ from fastdiag import backends
 from fastdiag.demo.models import BaselineLM, SetRoutingLM
 from fastdiag.diagnostics import BaselineAttentionDiagnostics, SetDiagnostics
 from fastdiag.report import format_comparison, format_verdicts, write_html
-from fastdiag.schema import Verdict, verdicts
+from fastdiag.schema import CHANCE_SUFFIX, Verdict, causal_top1_chance, verdicts
 from fastdiag.store import MetricsLogger
 
 BASELINE_RUN = "baseline"
@@ -144,9 +146,12 @@ def train_run(
     cfg: DemoConfig,
     logger: MetricsLogger,
     stream: TextIO,
+    companions: Mapping[str, float] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` for ``cfg.epochs``; ``observe(output, ids)`` feeds the diagnostics after
-    each backward (gradients of this step present). Returns the epoch stats, oldest first."""
+    each backward (gradients of this step present). ``companions``: constant keys logged with
+    each epoch's stats (the top-1 rules' ``_chance`` keys). Returns the epoch stats, oldest
+    first."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     val_generator = torch.Generator().manual_seed(cfg.seed + 2)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -183,6 +188,7 @@ def train_run(
         train_loss = float(loss_sum / cfg.steps_per_epoch)  # host ok: once per epoch
         val_loss = evaluate(model, data, cfg, val_generator)
         record = dict(stats)
+        record.update(companions or {})
         record.update(
             {
                 "epoch": float(epoch + 1),
@@ -270,8 +276,10 @@ def _run_demo(
         )
 
     with MetricsLogger(db, run=BASELINE_RUN, config={**base_config, "model": "BaselineLM"}) as log:
+        # top-1 of uniform causal attention over the same rows: what "uncertain" is measured against
+        chance = {f"baseline/attention_top1_mean{CHANCE_SUFFIX}": causal_top1_chance(cfg.context)}
         result.history[BASELINE_RUN] = train_run(
-            BASELINE_RUN, baseline, baseline_diag, observe_baseline, data, cfg, log, stream
+            BASELINE_RUN, baseline, baseline_diag, observe_baseline, data, cfg, log, stream, chance
         )
 
     torch.manual_seed(cfg.seed)
@@ -297,8 +305,9 @@ def _run_demo(
 
     set_config = {**base_config, "model": "SetRoutingLM", "break_router": break_router}
     with MetricsLogger(db, run=SET_RUN, config=set_config) as log:
+        chance = {f"ausa/router_confidence_mean{CHANCE_SUFFIX}": 1.0 / cfg.num_sets}
         result.history[SET_RUN] = train_run(
-            SET_RUN, model, set_diag, observe_set, data, cfg, log, stream
+            SET_RUN, model, set_diag, observe_set, data, cfg, log, stream, chance
         )
 
     for run, epochs in result.history.items():

@@ -8,7 +8,7 @@ shown by its name, or ``<db stem>:<run>`` when two databases hold a run of the s
 Families: a key ``<family>/<member>`` whose family is a per-layer producer's prefix
 (``attention_top1``, ``grad_norm``, ``router_top1``, ... of ``KNOWN_FAMILIES``, also under a
 prefix such as ``moe/``), or any ``<prefix>/<member>`` where at least ``MIN_FAMILY`` keys share
-the prefix and their members carry a layer index (a digit), is drawn as one family: a heatmap
+the prefix and their members carry a layer index (``layers.3``, ``block_3``, ``layer3``), is drawn as one family: a heatmap
 (member x step) and one small-multiples chart, not one chart per key.
 """
 
@@ -53,7 +53,8 @@ KNOWN_FAMILIES = frozenset(
     }
 )
 MIN_FAMILY = 3  # keys sharing an unknown prefix, with a digit in each member, to form a family
-_DIGIT = re.compile(r"\d")
+# a layer index in a member name: "layers.3.attn", "block_3", "h.11", "layer3" (not "top1")
+_DIGIT = re.compile(r"(^|[._\-])\d+([._\-]|$)|^(layers?|blocks?|h|l|stage)\d+([._\-]|$)")
 _TRAINING = re.compile(r"(^|/)(train|val|valid|validation|eval|test)(/|_)|loss|perplexity|ppl")
 
 

@@ -32,6 +32,8 @@ import numpy as np
 from fastdiag.report.data import group_metrics, member, natural_key
 from fastdiag.report.tables import (
     COMPARISON_HEADERS,
+    GROUP_VERDICTS,
+    GROUPED_HEADERS,
     VERDICT_HEADERS,
     ReportData,
     collect,
@@ -40,6 +42,7 @@ from fastdiag.report.tables import (
     config_rows,
     family_runs,
     fmt,
+    grouped_verdict_rows,
     verdict_rows,
 )
 from fastdiag.store.database import Series
@@ -47,6 +50,9 @@ from fastdiag.store.database import Series
 SMALL_MULTIPLES = 16  # panels of a family's small-multiples chart (members evenly chosen)
 HEATMAP_RUNS = 4  # runs drawn as heatmap panels (the small multiples overlay every run)
 MAX_HEATMAP_ROWS = 160  # members drawn in a heatmap (evenly chosen beyond)
+GRID_MIN_KEYS = 4  # per-epoch keys of one prefix drawn as one grid of cells from this many
+GRID_MAX_POINTS = 50  # ... when each run logged at most this many values of them
+COMPARE_ROWS = 30  # run-comparison rows shown open (the rest folded)
 PROGRESS_MIN_CHARTS = 40  # progress bar on stderr from this many charts (or on a terminal)
 _SCHEDULE = re.compile(r"(^|[/_.])(epoch|step|global_step|lr|learning_rate|iteration)$")
 
@@ -219,7 +225,7 @@ def _heatmap_png(
         else:
             norm = Normalize(lo, hi if hi > lo else lo + 1e-12)
     # every run's block side by side in one axes (one axes per run costs ~0.2 s each)
-    gap = 1
+    gap = max(1, max((mats[r][0].size for r in runs), default=0) // 12)  # room for the ticks
     blocks, ticks, tick_labels, starts = [], [], [], []
     column = 0
     for run in runs:
@@ -266,14 +272,17 @@ def _heatmap_png(
 
 
 def _multiples_png(
-    family: str, keys: Sequence[str], by_run: Mapping[str, Mapping[str, Series]]
+    family: str,
+    keys: Sequence[str],
+    by_run: Mapping[str, Mapping[str, Series]],
+    limit: int = SMALL_MULTIPLES,
 ) -> tuple[str, str]:
     """Small multiples: one cell per member (at most ``SMALL_MULTIPLES``, evenly chosen), runs
     overlaid, each cell scaled to its member's own range (printed in the cell). Drawn in one
     axes (a grid of cells): one matplotlib axes per member costs ~0.1 s each."""
     from matplotlib.figure import Figure
 
-    shown = _evenly(keys, SMALL_MULTIPLES)
+    shown = _evenly(keys, limit)
     cols = min(4, len(shown))
     nrows = (len(shown) + cols - 1) // cols
     height = 1.1 * nrows + 0.5
@@ -302,7 +311,9 @@ def _multiples_png(
             finite = np.isfinite(s.values)
             x = col + 0.05 + 0.9 * (s.steps[finite] - x0) / span
             y = row + 0.85 - 0.6 * (s.values[finite] - lo) / scale
-            (line,) = ax.plot(x, y, color=f"C{index % 10}", lw=1.0)
+            sparse = x.size <= 50
+            (line,) = ax.plot(x, y, color=f"C{index % 10}", lw=1.0, marker="o" if sparse else None,
+                              ms=2.5)  # fmt: skip
             handles.setdefault(run, line)
         _literal(ax.text(col + 0.04, row + 0.14, _short(member(family, key), 34), fontsize=7,
                          va="center"))  # fmt: skip
@@ -389,6 +400,10 @@ def _progress(total: int, show: bool | None):
     return _Nothing()
 
 
+def _points(name: str, by_run: Mapping[str, Mapping[str, Series]]) -> int:
+    return max((by[name].values.size for by in by_run.values() if name in by), default=0)
+
+
 def _anchor(text: str) -> str:
     return "s-" + re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-").lower()
 
@@ -452,7 +467,12 @@ def write_html(
 
     part = section("Health verdicts")
     rows = verdict_rows(data.verdicts)
-    if rows:
+    if rows and len(rows) > GROUP_VERDICTS:
+        grouped = grouped_verdict_rows(data.verdicts)
+        part.append(_table(GROUPED_HEADERS, grouped, "verdicts grouped", [r[1] for r in grouped]))
+        part.append(f"<details><summary>all {len(rows)} verdicts</summary>"
+                    + _table(VERDICT_HEADERS, rows, "verdicts", [r[1] for r in rows]) + "</details>")  # fmt: skip
+    elif rows:
         part.append(_table(VERDICT_HEADERS, rows, "verdicts", [r[1] for r in rows]))
     else:
         part.append("<p class='ok'>Every rule of the interpretation guide holds.</p>")
@@ -471,13 +491,24 @@ def write_html(
         if rows:
             part = section("Run comparison (last values)")
             diff = f"{labels[1]} - {labels[0]}" if len(labels) == 2 else "max - min"
-            part.append("<p>Largest relative difference first; highlighted: more than 10%.</p>")
+            same = [r for r in rows if r[-1] == "0.0%"]
+            rows = [r for r in rows if r[-1] != "0.0%"]
+            part.append(
+                "<p>Largest relative difference first (max - min over the largest |value|); "
+                f"highlighted: more than 10%. {len(same)} metrics are equal (to 0.05%) in every "
+                "run and not listed.</p>"
+            )
             marks = [
                 "differs" if r[-1] == "inf" or float(r[-1].rstrip("%")) > 10 else "" for r in rows
             ]
+            headers = ["metric", *labels, diff, "rel. diff"]
             part.append(
-                _table(["metric", *labels, diff, "rel. diff"], rows, "run-comparison", marks)
+                _table(headers, rows[:COMPARE_ROWS], "run-comparison", marks[:COMPARE_ROWS])
             )
+            if len(rows) > COMPARE_ROWS:
+                part.append(f"<details><summary>{len(rows) - COMPARE_ROWS} more differing metrics"
+                            "</summary>" + _table(headers, rows[COMPARE_ROWS:], "run-comparison",
+                                                   marks[COMPARE_ROWS:]) + "</details>")  # fmt: skip
         configs = config_rows({r.label: r.info.config for r in data.refs})
         if configs:
             part = section("Config differences")
@@ -491,7 +522,13 @@ def write_html(
         prefixes.setdefault(name.split("/", 1)[0] if "/" in name else "other", []).append(name)
     for prefix in sorted(prefixes, key=natural_key):
         part = section(f"{prefix}/" if prefix != "other" else "Other metrics")
-        charts += [(part, "chart", name) for name in prefixes[prefix]]
+        names = prefixes[prefix]
+        # per-epoch keys (few points) of one prefix: one grid of cells, one chart each is slow
+        sparse = [n for n in names if _points(n, by_run) <= GRID_MAX_POINTS]
+        if len(sparse) >= GRID_MIN_KEYS and prefix != "other":
+            charts.append((part, "grid", (prefix, sparse)))
+            names = [n for n in names if n not in sparse]
+        charts += [(part, "chart", name) for name in names]
 
     try:
         import matplotlib  # noqa: F401
@@ -550,6 +587,15 @@ def _draw(kind: str, what: object, labels: Sequence[str], by_run: Mapping[str, M
     """The figure HTML of one chart or one family; a chart that cannot be drawn is named
     (warning and a note) and the report kept."""
     try:
+        if kind == "grid":
+            prefix, keys = what  # type: ignore[misc]
+            held = {
+                label: by_run[label] for label in labels if any(k in by_run[label] for k in keys)
+            }
+            png, caption = _multiples_png(prefix, keys, held, limit=len(keys))
+            attr = html.escape(" ".join(keys), quote=True)
+            figure = _figure("grid", prefix + "/", png, "per-epoch metrics, " + caption)
+            return [figure.replace(" data-family=", f" data-metrics='{attr}' data-family=", 1)]
         if kind == "family":
             family, keys = what  # type: ignore[misc]
             held = {

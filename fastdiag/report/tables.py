@@ -14,6 +14,7 @@ from fastdiag.report.data import (
     group_metrics,
     load_runs,
     member,
+    natural_key,
     resolve_runs,
     select_metrics,
 )
@@ -100,7 +101,37 @@ def format_verdicts(per_run: Mapping[str, Sequence[Verdict]]) -> str:
     rows = verdict_rows(per_run)
     if not rows:
         return "health verdicts: every rule of the interpretation guide holds"
+    if len(rows) > GROUP_VERDICTS:
+        grouped = grouped_verdict_rows(per_run)
+        return (format_table(GROUPED_HEADERS, grouped)
+                + f"\n({len(rows)} verdicts in {len(grouped)} groups; the HTML report lists each)")  # fmt: skip
     return format_table(VERDICT_HEADERS, rows)
+
+
+GROUP_VERDICTS = 20  # more verdicts than this: one row per (run, verdict, family)
+GROUPED_HEADERS = ("run", "severity", "verdict", "metrics", "count", "values", "why")
+
+
+def grouped_verdict_rows(per_run: Mapping[str, Sequence[Verdict]]) -> list[list[str]]:
+    """One row per (run, severity, verdict, family): the family as ``<family>/*``, the count
+    and the range of the values; critical first."""
+    from fastdiag.report.data import family_of
+
+    groups: dict[tuple[str, str, str, str], list[Verdict]] = {}
+    for run, found in per_run.items():
+        for v in found:
+            fam = family_of(v.key)
+            name = f"{fam[0]}/*" if fam else v.key
+            groups.setdefault((run, v.severity, v.failure, name), []).append(v)
+    rank = {s: i for i, s in enumerate(reversed(SEVERITIES))}
+    rows = []
+    for (run, severity, failure, name), vs in sorted(
+        groups.items(), key=lambda kv: rank.get(kv[0][1], 9)
+    ):
+        values = [v.value for v in vs]
+        spread = fmt(values[0]) if len(vs) == 1 else f"{fmt(min(values))} .. {fmt(max(values))}"
+        rows.append([run, severity, failure, name, str(len(vs)), spread, vs[0].message])
+    return rows
 
 
 VERDICT_HEADERS = ("run", "severity", "metric", "value", "verdict", "why")
@@ -188,7 +219,7 @@ def compare_rows(last: Mapping[str, Mapping[str, float]]) -> list[list[str]]:
                 [name, *cells, fmt(delta), f"{spread:.1%}" if math.isfinite(spread) else "inf"],
             )
         )
-    scored.sort(key=lambda t: (-t[0], t[1]))
+    scored.sort(key=lambda t: (-t[0], natural_key(t[1])))
     return [row for _, _, row in scored]
 
 
