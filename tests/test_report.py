@@ -153,8 +153,12 @@ def test_html_report_has_one_chart_per_requested_metric(tmp_path):
     assert "<td>0.58</td>" in page  # set-routing confidence in the comparison table
 
     everything = write_html(path, tmp_path / "all.html", runs=["base"])
-    all_charts = re.findall(r"<figure class='chart single' data-metric='([^']*)'>", everything.read_text())
-    assert sorted(all_charts) == sorted(["train/loss", "shared"] + [k for k in _baseline_keys()])
+    page = everything.read_text()
+    all_charts = re.findall(r"<figure class='chart single' data-metric='([^']*)'>", page)
+    assert sorted(all_charts) == ["shared", "train/loss"]
+    # the per-epoch baseline keys: one grid of cells, naming each key
+    (grid,) = re.findall(r"<figure class='chart grid' data-metrics='([^']*)' data-family='baseline/'", page)
+    assert sorted(grid.split()) == sorted(_baseline_keys())
 
 
 def _baseline_keys():
