@@ -10,9 +10,9 @@ Every ``csrc/*.cpp`` file is compiled into one shared library that registers its
 ``fastdiag`` torch.library namespace (schemas with ``TORCH_LIBRARY_FRAGMENT``, kernels with
 ``TORCH_LIBRARY_IMPL``). ``csrc/*.cu`` files join the build only when CUDA is usable. The
 library is cached under ``$FASTDIAG_CACHE_DIR`` (default ``~/.cache/fastdiag``) keyed by the
-sources, the torch version and the CPU, so the first use pays the build (~20 s) and later
-imports only load it. No compiler, no ninja, or a failed build: one warning, then the ops
-fall back to the torch backend.
+sources, the torch version and the CPU, so the first use pays the build (~20-25 s; it says so
+on stderr, with a finished line) and later imports only load it, silently. No compiler, no
+ninja, or a failed build: one warning, then the ops fall back to the torch backend.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -177,6 +179,13 @@ def _build_and_load(verbose: bool, cuda_sources: bool) -> str:
     if lib.exists() and not verbose:
         torch.ops.load_library(str(lib))
         return str(lib)
+    kind = "C++ and CUDA" if with_cuda else "C++"
+    _say(
+        f"fastdiag: compiling the {kind} extension ({len(sources)} sources) into {build_dir}; "
+        f"this happens once per source / torch / CPU version and takes about "
+        f"{'1-3 minutes' if with_cuda else '20-60 s'} (`fastdiag build-ext` does it ahead of time)"
+    )
+    started = time.perf_counter()
     cpp_extension.load(
         name=name,
         sources=[str(s) for s in sources],
@@ -186,7 +195,14 @@ def _build_and_load(verbose: bool, cuda_sources: bool) -> str:
         extra_include_paths=[str(source_dir())],
         **_flags(with_cuda),
     )
+    _say(f"fastdiag: extension built in {time.perf_counter() - started:.0f} s: {lib}")
     return str(lib)
+
+
+def _say(message: str) -> None:
+    """A progress line of the build on stderr (never on stdout: it may carry a command's data)."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def build_extension(verbose: bool = True, *, cuda_sources: bool = True) -> str | None:

@@ -6,6 +6,7 @@ import importlib.util
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ import torch
 from fastdiag import _extension
 from fastdiag.cli import build_parser, main
 from fastdiag.store import MetricsLogger
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_python_dash_m_runs_the_cli():
@@ -149,3 +152,130 @@ def test_demo_with_an_unwritable_out_is_one_line_and_exit_2(tmp_path, capsys):
         assert main(["demo", "--quick", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fastdiag demo: ") and str(out) in err[0]
+
+
+def test_extension_build_says_what_it_does_and_when_it_is_done(tmp_path, monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    from fastdiag import _extension
+
+    calls = []
+
+    def fake_load(name, build_directory, **kwargs):
+        calls.append(name)
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+
+    loaded = []
+    monkeypatch.setenv("FASTDIAG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(_extension.shutil, "which", lambda exe: f"/usr/bin/{exe}")
+    monkeypatch.setattr(_extension.torch.ops, "load_library", loaded.append)
+    path = _extension._build_and_load(verbose=False, cuda_sources=False)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = [line for line in captured.err.splitlines() if line.startswith("fastdiag")]
+    assert len(lines) == 2 and calls == ["fastdiag_ext"], captured.err
+    assert lines[0].startswith("fastdiag: compiling the C++ extension") and "20-60 s" in lines[0]
+    assert str(tmp_path) in lines[0]
+    assert lines[1].startswith("fastdiag: extension built in ") and lines[1].endswith(path)
+    # a cached build is loaded without a word
+    assert _extension._build_and_load(verbose=False, cuda_sources=False) == path
+    assert capsys.readouterr().err == "" and loaded == [path] and len(calls) == 1
+
+
+def test_version(capsys):
+    from fastdiag import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastdiag {__version__}"
+    done = subprocess.run([sys.executable, "-m", "fastdiag", "--version"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == f"fastdiag {__version__}"
+
+
+def _two_dbs(tmp_path):
+    """a.db: runs 'x' (healthy) and 'y'; b.db: run 'x' again (a name clash) with a frozen router."""
+    a, b = tmp_path / "a.db", tmp_path / "b.db"
+    with MetricsLogger(a, run="x", config={"lr": 0.1, "seed": 0}) as logger:
+        for step in range(6):
+            logger.log({"train/loss": 3.0 - 0.1 * step, "grad_norm/layers.0": 0.5,
+                        "grad_norm/layers.1": 0.4, "param_norm/layers.0": 2.0}, step)  # fmt: skip
+    with MetricsLogger(a, run="y", config={"lr": 0.1, "seed": 1}) as logger:
+        for step in range(6):
+            logger.log({"train/loss": 3.0 - 0.05 * step, "grad_norm/layers.0": 0.5,
+                        "grad_norm/layers.1": 0.4, "param_norm/layers.0": 2.0}, step)  # fmt: skip
+    with MetricsLogger(b, run="x", config={"lr": 0.2, "seed": 0}) as logger:
+        for step in range(6):
+            logger.log({"train/loss": 3.5, "grad_norm/layers.0": 0.5, "grad_norm/layers.1": 0.0,
+                        "param_norm/layers.0": 2.0, "attention_top1/layers.0": 0.99}, step)  # fmt: skip
+    return a, b
+
+
+def test_report_across_databases_with_colliding_run_names(tmp_path, capsys):
+    a, b = _two_dbs(tmp_path)
+    out = tmp_path / "r.html"
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for label in ("a:x", "y", "b:x"):
+        assert f"== run {label}:" in text
+    head = "run a:x vs run y vs run b:x (last values, largest relative difference first):"
+    table = text.split(head)[1].strip().split("\n\n")[0].splitlines()
+    assert table[0].split()[:4] == ["metric", "a:x", "y", "b:x"]
+    rows = [line.split()[0] for line in table[2:]]
+    assert rows[0] == "grad_norm/layers.1"  # 0.4 vs 0: the largest relative difference first
+    assert rows.index("train/loss") < rows.index("param_norm/layers.0")  # equal ones last
+    assert "config differences:" in text and "lr" in text.split("config differences:")[1]
+    verdict_lines = [line.split() for line in text.splitlines() if " critical " in line]
+    assert [v[:3] for v in verdict_lines] == [["b:x", "critical", "grad_norm/layers.1"]]
+    assert "vanishing gradient" in " ".join(verdict_lines[0])
+    page = out.read_text()
+    assert "<h2 id='s-run-comparison-last-values'>" in page and "class='differs'" in page
+
+    # --run filters: a bare name takes every database's run of that name; db:run one of them
+    assert main(["report", str(a), str(b), "--run", "b:x", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "== run b:x:" in text and "== run a:x:" not in text and "== run y:" not in text
+    assert main(["report", str(a), str(b), "--run", "x", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "== run a:x:" in text and "== run b:x:" in text and "== run y:" not in text
+    assert main(["report", str(a), str(b), "--run", "c:x", "--out", str(out)]) == 2
+    assert "c:x" in capsys.readouterr().err
+
+
+def test_report_metric_and_exclude_globs(tmp_path, capsys):
+    a, b = _two_dbs(tmp_path)
+    out = tmp_path / "r.html"
+    argv = ["report", str(a), "--run", "x", "--out", str(out)]
+    assert main([*argv, "--metric", "grad_norm/*", "--metric", "train/*"]) == 0
+    text = capsys.readouterr().out
+    assert "== run x: 3 metrics" in text and "param_norm" not in text.split("health verdicts")[0]
+    assert main([*argv, "--exclude", "*_norm/*"]) == 0
+    assert "== run x: 1 metrics" in capsys.readouterr().out
+    assert main([*argv, "--metric", "grad_norm/layers.[0]", "--exclude", "train/*"]) == 0
+    assert "== run x: 1 metrics" in capsys.readouterr().out
+    assert main([*argv, "--metric", "nothing/*"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing/*" in err[0] and "not logged" in err[0]
+
+
+def test_report_fail_on_exit_codes(tmp_path, capsys):
+    a, b = _two_dbs(tmp_path)
+    out = ["--out", str(tmp_path / "r.html")]
+    healthy = ["report", str(a), "--run", "x", *out]
+    assert main(healthy) == 0
+    assert main([*healthy, "--fail-on", "warning"]) == 0
+    assert main([*healthy, "--fail-on", "critical"]) == 0
+    capsys.readouterr()
+    broken = ["report", str(b), *out]  # vanishing gradient (critical), overconfidence (warning)
+    assert main(broken) == 0  # no gate: always 0
+    assert main([*broken, "--fail-on", "critical"]) == 1
+    err = capsys.readouterr().err
+    assert "1 verdicts of severity critical or worse" in err
+    assert main([*broken, "--fail-on", "warning"]) == 1
+    assert "2 verdicts of severity warning or worse" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*broken, "--fail-on", "fatal"])
+    assert exit_info.value.code == 2
