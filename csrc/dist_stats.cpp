@@ -1049,7 +1049,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dist_stats_cpu(
 TORCH_LIBRARY_FRAGMENT(fastdiag, m) {
   m.def(
       "dist_stats_cpu(Tensor x4, Tensor? row_mask, bool from_logits, int topk, float tau, "
-      "float eps, int window, int query_offset, int query_len, bool want_rows, "
+      "float eps, int window, int query_offset, SymInt query_len, bool want_rows, "
       "bool want_heads=True) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -220,8 +220,7 @@ def _takes(backend: str, impl: Impl, device: str, dtype: torch.dtype) -> bool:
     return runs_on and (impl.dtypes is None or dtype in impl.dtypes)
 
 
-@functools.cache
-def _resolve(
+def _choose(
     op: str, device: str, dtype: torch.dtype, requested: str, interpreting: bool, no_ext: bool
 ) -> str:
     impls = table(op)
@@ -248,6 +247,16 @@ def _constant_under_compile(fn: Callable) -> Callable:
     return fn
 
 
+@functools.cache
+def _resolve(
+    op: str, device: str, dtype: torch.dtype, requested: str, interpreting: bool, no_ext: bool
+) -> str:
+    name = _choose(op, device, dtype, requested, interpreting, no_ext)
+    # load once here, eagerly: a first load can register a custom op, which a trace cannot do
+    table(op)[name].load()
+    return name
+
+
 @_constant_under_compile
 def resolve(op: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """The backend that runs ``op`` for a tensor of ``dtype`` on ``device`` (see module doc).
@@ -261,12 +270,15 @@ def resolve(op: str, device: torch.device | str, dtype: torch.dtype) -> str:
 
 def implementation(op: str, device: torch.device | str, dtype: torch.dtype) -> Callable:
     """The callable of the backend :func:`resolve` picks (cached: one look-up per call)."""
-    if torch.compiler.is_compiling():  # traced: no guard on the cache's contents
-        return table(op)[resolve(op, device, dtype)].load()
-    key = (op, device.type if isinstance(device, torch.device) else torch.device(device).type, dtype)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if torch.compiler.is_compiling():
+        # traced: resolve() runs eagerly (and has loaded the implementation, see _resolve);
+        # the cache below is not consulted, so its contents are no guard of the graph
+        return table(op)[resolve(op, device_type, dtype)].load()
+    key = (op, device_type, dtype)
     fn = _impl_cache.get(key)
     if fn is None:
-        fn = _impl_cache[key] = table(op)[resolve(op, device, dtype)].load()
+        fn = _impl_cache[key] = table(op)[resolve(op, device_type, dtype)].load()
     return fn
 
 

@@ -410,3 +410,47 @@ def test_median_numpy_convention_ignores_nan():
     assert torch.isnan(median(torch.ones(0)))
     got = median(torch.arange(12.0).reshape(3, 4))
     assert got.dtype == torch.float64 and got.shape == () and got.item() == 5.5
+
+
+def test_one_graph_across_ten_sequence_lengths(each_backend):
+    """dynamic=True: the sequence length is symbolic all the way into the op (no int())."""
+    import torch._dynamo.testing
+
+    def step(t):
+        out = dist_stats(t, reduce_dim=1, topk=2, window=1)
+        return out.sums, out.head_sums, out.topk
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    lengths = range(5, 15) if each_backend != "triton" else range(5, 9)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for n in lengths:
+            x = softmax_rows(2, 3, n, n + 1)
+            got, want = compiled(x), step(x)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, equal_nan=True)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_outputs_are_detached(each_backend):
+    x = softmax_rows(2, 3, 4, 6).requires_grad_()
+    out = dist_stats(x, reduce_dim=1, topk=2, rows=True)
+    assert all(t.grad_fn is None and not t.requires_grad for t in out)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tau": math.nan}, "tau must be a finite number"),
+        ({"eps": math.inf}, "eps must be a finite number"),
+        ({"tau": "0.1"}, "tau must be a finite number"),
+        ({"query_offset": 2**70}, r"query_offset must be an int in \(-2\*\*63, 2\*\*63\)"),
+        ({"query_offset": 1.5}, "query_offset must be an int"),
+        ({"window": 2**64}, "window must be a non-negative int below 2"),
+    ],
+)
+def test_bad_scalars_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dist_stats(softmax_rows(1, 2, 3, 4), **kwargs)

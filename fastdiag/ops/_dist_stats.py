@@ -126,6 +126,22 @@ def _canonical(x: Tensor, reduce_dim: int | None) -> tuple[Tensor, list[int]]:
     return x4, list(before) + list(between)
 
 
+_INT64 = 2**63
+
+
+def _check_thresholds(tau: float, eps: float, query_offset: int) -> None:
+    for name, value in (("tau", tau), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number (a threshold on entries), got {value!r}")
+    if isinstance(query_offset, bool) or not isinstance(query_offset, int) or not (
+        -_INT64 < query_offset < _INT64
+    ):
+        raise ValueError(
+            f"query_offset must be an int in (-2**63, 2**63) (the key index of query 0), "
+            f"got {query_offset!r}"
+        )
+
+
 def _validate(
     x: Tensor,
     reduce_dim: int | None,
@@ -163,8 +179,10 @@ def _validate(
             f"topk must be in [0, min({MAX_TOPK}, N={x.shape[-1]})] for x of shape "
             f"{tuple(x.shape)}, got {topk}"
         )
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
-        raise ValueError(f"window must be a non-negative int or None, got {window!r}")
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or not 0 <= window < _INT64
+    ):
+        raise ValueError(f"window must be a non-negative int below 2**63 or None, got {window!r}")
     if row_mask is not None:
         if not isinstance(row_mask, Tensor):
             raise TypeError(f"row_mask must be a torch.Tensor or None, got {type(row_mask).__name__}")
@@ -208,9 +226,13 @@ def dist_stats(
     heads:    compute the per-head statistics (``head_sums``); False skips them (a logarithm
               per input element per head) and fills ``head_sums`` [G, 4] with NaN.
 
-    Returns :class:`DistStats`; nothing is copied to the host.
+    Returns :class:`DistStats` (detached: statistics carry no autograd graph); nothing is copied
+    to the host.
     """
     _validate(x, reduce_dim, topk, row_mask, window)
+    if not torch.compiler.is_compiling():  # traced floats may be symbolic: checked eagerly
+        _check_thresholds(tau, eps, query_offset)
+    x = x.detach()  # statistics, not a differentiable function: no graph on any backend
     x4, lead = _canonical(x, reduce_dim)
     nrows = x4.shape[0] * x4.shape[2]
     mask = None

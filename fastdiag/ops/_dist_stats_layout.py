@@ -61,7 +61,7 @@ MAX_TOPK = 16
 
 SCHEMA = (
     "(Tensor x4, Tensor? row_mask, bool from_logits, int topk, float tau, float eps, int window, "
-    "int query_offset, int query_len, bool want_rows, bool want_heads=True) "
+    "int query_offset, SymInt query_len, bool want_rows, bool want_heads=True) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 
