@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from fastdiag.report import rolling_band, run_verdicts, summarize, trend, write_html
 from fastdiag.report.html import auto_window
@@ -257,3 +258,96 @@ def test_a_chart_that_cannot_be_drawn_is_named_and_the_report_kept(tmp_path, mon
         page = write_html(path, tmp_path / "r.html", metrics=["shared", "train/loss"]).read_text()
     assert "the chart of metric &#x27;shared&#x27; could not be drawn" in page
     assert re.findall(r"data-metric='([^']*)'", page) == ["train/loss"]
+
+
+def test_a_per_layer_family_is_one_heatmap_not_a_chart_per_key(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastdiag.report import group_metrics
+
+    path = tmp_path / "m.db"
+    layers = [f"layers.{i}.self_attn" for i in range(12)]
+    with MetricsLogger(path, run="enc") as logger:
+        for epoch in range(5):
+            record = {f"attention_top1/{name}": 0.2 + 0.01 * i * epoch for i, name in enumerate(layers)}
+            record |= {f"grad_norm/{name}.in_proj_weight": 0.5 for name in layers}
+            record |= {"val/loss": 3.0 - 0.1 * epoch, "epoch": float(epoch)}
+            logger.log(record, epoch)
+            for s in range(10):
+                logger.log({"train/loss": 3.0 - 0.01 * (10 * epoch + s)}, 10 * epoch + s)
+    curves, families, others = group_metrics(
+        [f"attention_top1/{n}" for n in layers] + ["train/loss", "val/loss", "epoch",
+         "baseline/attention_top1_mean", "ausa/top1_vs_random_kl", "moe/router_top1/block.3"]
+    )  # fmt: skip
+    assert curves == ["train/loss", "val/loss"]
+    assert list(families) == ["attention_top1", "moe/router_top1"]
+    assert families["attention_top1"][:3] == [f"attention_top1/layers.{i}.self_attn" for i in range(3)]
+    assert others == ["epoch", "baseline/attention_top1_mean", "ausa/top1_vs_random_kl"]
+
+    page = write_html(path, tmp_path / "r.html").read_text()
+    assert re.findall(r"<figure class='chart heatmap' data-family='([^']*)'", page) == [
+        "attention_top1",
+        "grad_norm",
+    ]
+    assert re.findall(r"<figure class='chart multiples' data-family='([^']*)'", page) == [
+        "attention_top1",
+        "grad_norm",
+    ]
+    singles = re.findall(r"<figure class='chart single' data-metric='([^']*)'", page)
+    assert singles == ["train/loss", "val/loss", "epoch"]  # training curves first
+    headings = re.findall(r"<h2 id='([^']*)'>([^<]*)</h2>", page)
+    titles = [h for _, h in headings]
+    assert titles.index("Training curves") < titles.index("Health verdicts")
+    assert titles.index("Health verdicts") < titles.index("attention_top1/* (12 keys)")
+    toc = page.split("<nav class='toc'>")[1].split("</nav>")[0]
+    assert all(f"href='#{anchor}'" in toc for anchor, _ in headings)
+
+
+def test_counters_and_schedules_get_no_band_and_smoothing_does_not_lag():
+    from fastdiag.report import centred_band, is_schedule
+
+    assert is_schedule("epoch", np.array([1.0, 2.0]))
+    assert is_schedule("train/lr", np.array([0.1, 0.3, 0.2]))
+    assert is_schedule("warmup", np.linspace(0, 1, 20))  # monotone
+    noisy = np.sin(np.arange(200) / 10) + np.random.default_rng(0).normal(0, 0.3, 200)
+    assert not is_schedule("train/loss", noisy)
+    # a centred mean of a straight line is the line itself (a trailing one lags by (w - 1) / 2)
+    line = np.arange(100, dtype=np.float64)
+    mean, _ = centred_band(line, 9)
+    np.testing.assert_allclose(mean[4:-4], line[4:-4])
+    trailing, _ = rolling_band(line, 9)
+    np.testing.assert_allclose(line[8:] - trailing[8:], 4.0)
+    values = np.array([1.0, math.nan, 3.0, 5.0])
+    mean, std = centred_band(values, 3)
+    np.testing.assert_allclose(mean, [1.0, 2.0, 4.0, 4.0])
+    np.testing.assert_allclose(std, [0.0, 1.0, 1.0, 1.0])
+
+
+def test_a_collapsed_model_driven_through_watch_shows_its_verdicts(tmp_path):
+    from fastdiag import watch
+    from tests.training_helpers import BATCH, SEQ, D, encoder, quiet
+
+    model = encoder(layers=2)
+    with torch.no_grad():  # layer 0: queries x 1000, every query attends to one key
+        model.layers[0].self_attn.in_proj_weight[:D] *= 1000.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # and nothing learns
+    path = tmp_path / "watch.db"
+    torch.manual_seed(0)
+    with quiet(), watch(model, optimizer=opt) as handle, MetricsLogger(path, run="collapsed") as log:
+        for epoch in range(2):
+            for _ in range(2):
+                loss = model(torch.randn(BATCH, SEQ, D)).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            log.log(handle.get_epoch_stats(), epoch)
+            handle.reset()
+    found = {(v.key, v.failure, v.severity) for v in run_verdicts(path, "collapsed")}
+    assert ("attention_top1/layers.0.self_attn", "overconfidence", "warning") in found
+    assert ("attention_entropy_norm/layers.0.self_attn", "peaked routing", "warning") in found
+    assert not any(k == "attention_top1/layers.1.self_attn" for k, _, _ in found)
+    frozen = {k for k, f, _ in found if f == "frozen router"}  # lr 0: update ratio 0, per parameter
+    assert "update_ratio/layers.0.self_attn.in_proj_weight" in frozen
+    text = summarize(path)
+    assert "overconfidence" in text and "attention_top1/layers.0.self_attn" in text
+    page = write_html(path, tmp_path / "r.html").read_text()
+    assert "overconfidence" in page and "attention_top1/layers.0.self_attn" in page

@@ -129,7 +129,9 @@ def grouped_verdict_rows(per_run: Mapping[str, Sequence[Verdict]]) -> list[list[
         groups.items(), key=lambda kv: rank.get(kv[0][1], 9)
     ):
         values = [v.value for v in vs]
-        spread = fmt(values[0]) if len(vs) == 1 else f"{fmt(min(values))} .. {fmt(max(values))}"
+        same = min(values) == max(values)
+        spread = fmt(values[0]) if same else f"{fmt(min(values))} .. {fmt(max(values))}"
+        name = vs[0].key if len(vs) == 1 else name
         rows.append([run, severity, failure, name, str(len(vs)), spread, vs[0].message])
     return rows
 
