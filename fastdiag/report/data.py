@@ -50,6 +50,9 @@ KNOWN_FAMILIES = frozenset(
         "router_top1",
         "expert_load_gini",
         "expert_active_ratio",
+        "expert_load_max_over_mean",
+        "router_topk_jaccard",
+        "expert_over_capacity",
     }
 )
 MIN_FAMILY = 3  # keys sharing an unknown prefix, with a digit in each member, to form a family
