@@ -18,6 +18,16 @@ batch 8, AdamW, MSE loss on the output (fp32, CPU by default). Variants, all in 
   attention module, statistics by ``ops.attention_stats``, no N x Nk weights). Their overhead is
   over ``sdpa_none``.
 
+Hugging Face Trainer (``--hf``): a tiny ``LlamaForCausalLM`` (2 layers, hidden 128, 4 heads,
+intermediate 256, vocab 512, SDPA attention), sequence 128, batch 8, AdamW, gradient clipping at
+1.0, fp32 on the CPU, run by ``transformers.Trainer`` for ``--hf-steps`` optimizer steps with
+``logging_steps=10``. Variants: ``hf_none`` (no callback), ``hf_callback``
+(``fastdiag.integrations.hf.FastdiagCallback()``: every step) and ``hf_callback_every10``
+(``every=10``). Step time: between consecutive ``on_step_begin`` events, so it includes the
+callback's ``on_log`` (its one host copy per logging interval); the first two steps of each run
+are warm-up. The variants' runs are interleaved over ``--rounds``; each round's value is the mean
+step time of one run.
+
 Rounds of ``--steps`` steps are interleaved across variants (so drifting machine load hits
 every variant alike); the median and the minimum step time per variant are reported with their
 overhead over ``none`` from the same run (on a shared machine the minimum is the better
@@ -25,6 +35,7 @@ estimate of the uncontended cost).
 
     pytest bench/bench_training.py --benchmark-only
     python bench/bench_training.py [--rounds 5 --steps 3 --device cpu --json out.json]
+    python bench/bench_training.py --hf [--rounds 5 --hf-steps 22]
 """
 
 from __future__ import annotations
@@ -211,6 +222,121 @@ def report(times: dict[str, list[float]], device: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Hugging Face Trainer with and without fastdiag.integrations.hf.FastdiagCallback
+# ----------------------------------------------------------------------------------------------
+
+HF_VARIANTS = ("hf_none", "hf_callback", "hf_callback_every10")
+HF_SHAPE = {"layers": 2, "hidden": 128, "heads": 4, "intermediate": 256, "vocab": 512, "seq": 128, "batch": 8}
+HF_WARMUP = 2
+
+
+def _hf_trainer(variant: str, steps: int, output_dir: str, times: list):
+    """A Trainer of the tiny Llama for ``steps`` steps; ``times`` gets the on_step_begin times."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from fastdiag.integrations.hf import FastdiagCallback
+
+    if variant not in HF_VARIANTS:
+        raise ValueError(f"variant must be one of {HF_VARIANTS}, got {variant!r}")
+    sh = HF_SHAPE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=sh["layers"],
+        hidden_size=sh["hidden"],
+        num_attention_heads=sh["heads"],
+        num_key_value_heads=sh["heads"],
+        intermediate_size=sh["intermediate"],
+        vocab_size=sh["vocab"],
+        max_position_embeddings=sh["seq"],
+    )
+    model = LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, sh["vocab"], (sh["batch"] * (steps + 1), sh["seq"]), generator=g)
+    data = [{"input_ids": r, "labels": r} for r in ids]
+
+    class Clock(TrainerCallback):  # (wall, process CPU) time at each step begin and at the end
+        def on_step_begin(self, args, state, control, **kwargs):
+            times.append((time.perf_counter(), time.process_time()))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            times.append((time.perf_counter(), time.process_time()))
+
+    callbacks: list = [Clock()]
+    if variant != "hf_none":
+        callbacks.append(FastdiagCallback(every=10 if variant.endswith("every10") else 1))
+    args = TrainingArguments(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=sh["batch"],
+        logging_steps=10,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # no printing in the timed steps
+    return trainer
+
+
+def measure_hf(rounds: int, steps: int, variants=HF_VARIANTS) -> dict[str, dict[str, list[float]]]:
+    """Seconds per Trainer step of each variant, wall and process CPU time, one entry per round
+    (runs interleaved, after one untimed warm-up run of each variant)."""
+    import logging
+    import tempfile
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    times = {clock: {v: [] for v in variants} for clock in ("wall", "cpu")}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for v in variants:
+            _hf_trainer(v, HF_WARMUP + 1, tmp, []).train()
+        for _ in range(rounds):
+            for v in variants:
+                stamps: list = []
+                _hf_trainer(v, steps, tmp, stamps).train()
+                # stamps: each on_step_begin, then train end (after the last step's logs)
+                for i, clock in enumerate(("wall", "cpu")):
+                    steps_s = [b[i] - a[i] for a, b in zip(stamps[:-1], stamps[1:])]
+                    times[clock][v].append(statistics.fmean(steps_s[HF_WARMUP:]))
+    return times
+
+
+def report_hf(times: dict[str, dict[str, list[float]]]) -> dict:
+    rows = {}
+    for clock, by_variant in times.items():
+        base_med, base_min = statistics.median(by_variant["hf_none"]), min(by_variant["hf_none"])
+        for v, ts in by_variant.items():
+            med = statistics.median(ts)
+            rows[f"{v} ({clock})"] = {
+                "median_s": med,
+                "min_s": min(ts),
+                "max_s": max(ts),
+                "overhead_median_pct": 100.0 * (med - base_med) / base_med,
+                "overhead_min_pct": 100.0 * (min(ts) - base_min) / base_min,
+            }
+    import transformers
+
+    return {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "shape": HF_SHAPE,
+        "variants": rows,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # pytest-benchmark entry points
 # ----------------------------------------------------------------------------------------------
 
@@ -226,6 +352,31 @@ def test_training_step(benchmark, variant):
     setup.close()
 
 
+@pytest.mark.parametrize("variant", HF_VARIANTS)
+def test_hf_trainer_step(benchmark, variant, tmp_path):
+    pytest.importorskip("transformers")
+    stamps: list[float] = []
+
+    def run():
+        _hf_trainer(variant, 12, str(tmp_path), stamps).train()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+
+
+def _print_table(result: dict) -> None:
+    print(
+        f"{'variant':<28}{'median ms':>10}{'min ms':>9}{'max ms':>9}"
+        f"{'overhead (median)':>19}{'overhead (min)':>16}"
+    )
+    for v, r in result["variants"].items():
+        print(
+            f"{v:<28}{1e3 * r['median_s']:>10.1f}{1e3 * r['min_s']:>9.1f}{1e3 * r['max_s']:>9.1f}"
+            f"{r['overhead_median_pct']:>18.1f}%{r['overhead_min_pct']:>15.1f}%"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -234,9 +385,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--hf", action="store_true", help="the Hugging Face Trainer table instead")
+    parser.add_argument("--hf-steps", type=int, default=22, help="Trainer steps per run (--hf)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.hf:
+        result = report_hf(measure_hf(args.rounds, args.hf_steps))
+        print(f"HF Trainer, tiny Llama {result['shape']}, threads={result['threads']} torch={result['torch']} transformers={result['transformers']}")
+        _print_table(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
     variants = tuple(v for v in args.variants.split(",") if v)
     if "none" not in variants:
         variants = ("none", *variants)

@@ -17,6 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 import fastdiag  # noqa: E402
 from fastdiag.diagnostics.training import TrainingDiagnostics  # noqa: E402
 from fastdiag.integrations.hf import FastdiagCallback  # noqa: E402
+from tests.conftest import forbid_host_sync  # noqa: E402
 
 CONFIG = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32)
 SEQ, N_SEQ = 16, 16
@@ -162,6 +163,37 @@ def test_clipping_off_every_k_and_metrics_logger(tmp_path):
     assert series.steps.tolist() == [1, 3]  # the MetricsLogger gets the keys without the prefix
     by_step = {e["step"]: e["fd.grad_norm_total"] for e in train_logs if "fd.grad_norm_total" in e}
     assert series.values.tolist() == pytest.approx([by_step[1], by_step[3]], rel=1e-12)
+
+
+def test_outside_a_trainer_warns_reads_at_pre_optimizer_step_and_never_syncs_per_step():
+    from transformers import TrainerControl, TrainerState
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**CONFIG))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)  # (CPU Adam reads its step count with .item())
+    cb = FastdiagCallback(every=1)
+    state, control = TrainerState(), TrainerControl()
+    with pytest.warns(UserWarning, match="not called by a transformers.Trainer"):
+        cb.on_train_begin(None, state, control, model=model, optimizer=opt)
+    ids = torch.randint(0, 64, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with forbid_host_sync():  # the per-step path: hooks, the gradient read, the step hooks
+        model(input_ids=ids, labels=ids).loss.backward()
+        cb.on_pre_optimizer_step(None, state, control)
+        opt.step()
+        opt.zero_grad()
+    expected = cb.watch.diagnostics.get_epoch_stats()["grad_norm_total"]
+    state.global_step = 1
+    logs = {"loss": 1.0}
+    state.log_history.append({**logs, "step": 1})
+    cb.on_log(None, state, control, logs=logs)
+    assert logs["fastdiag/grad_norm_total"] == expected
+    assert state.log_history[-1]["fastdiag/grad_norm_total"] == expected
+    # an evaluation log is left alone
+    eval_logs = {"eval_loss": 1.0}
+    cb.on_log(None, state, control, logs=eval_logs)
+    assert eval_logs == {"eval_loss": 1.0}
+    cb.on_train_end(None, state, control)
+    assert not cb.watch._handles
 
 
 def test_invalid_arguments():

@@ -37,6 +37,7 @@ training-mode forwards only.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -143,7 +144,18 @@ class FastdiagCallback(TrainerCallback):
         trainer, handler = callers.get(Trainer), callers.get(CallbackHandler)
         if handler is not None:
             self._move_before_reporters(handler)
-        target = getattr(trainer, "model_wrapped", None) or model
+        if trainer is None or handler is None:
+            warnings.warn(
+                "fastdiag FastdiagCallback: on_train_begin was not called by a transformers.Trainer "
+                "through its CallbackHandler: the callback keeps its place in the callback list "
+                "(callbacks before it see no fastdiag keys) and gradients are read at "
+                "on_pre_optimizer_step, after clipping",
+                UserWarning,
+                stacklevel=2,
+            )
+        target = getattr(trainer, "model_wrapped", None)
+        if target is None:
+            target = model
         if target is None:
             raise ValueError("FastdiagCallback: the Trainer passed no model to on_train_begin")
         self.watch = watch(
