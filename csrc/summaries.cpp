@@ -351,10 +351,10 @@ TORCH_LIBRARY_FRAGMENT(fastdiag, m) {
   m.def("accumulate_(Tensor(a!) state, Tensor slots, Tensor src, Tensor values) -> ()");
   m.def(
       "dist_summary(Tensor sums, Tensor head_sums, Tensor topk, Tensor? prev_top, Tensor? prev_bitmap, "
-      "int n, bool from_heads, bool jaccard) -> (Tensor, Tensor)");
+      "SymInt n, bool from_heads, bool jaccard) -> (Tensor, Tensor)");
   m.def("usage_summary(Tensor indices, int num_sets, Tensor? prev_active) -> (Tensor, Tensor)");
   m.def("param_norms_(Tensor[] params, Tensor[] grads, Tensor(a!)[] prev, bool has_prev) -> Tensor");
-  m.def("attention_values(Tensor sums, Tensor rows, int nk, float threshold) -> Tensor");
+  m.def("attention_values(Tensor sums, Tensor rows, SymInt nk, float threshold) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdiag, CPU, m) {

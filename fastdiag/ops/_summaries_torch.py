@@ -16,8 +16,13 @@ from fastdiag.ops.usage import usage_counts, usage_stats
 from fastdiag.schema import EFFECTIVE_HEAD_ENTROPY
 
 
+def _log(n: int, like: Tensor) -> Tensor:
+    """log n as a float64 0-d tensor (n may be symbolic under torch.compile: no specialisation)."""
+    return torch.full((), n, dtype=torch.float64, device=like.device).log()
+
+
 def _normalised(h: Tensor, n: int) -> Tensor:
-    return h / math.log(n) if n > 1 else h * math.nan
+    return h / _log(n, h) if n > 1 else h * math.nan
 
 
 def dist_summary_torch(
@@ -63,7 +68,7 @@ def dist_summary_torch(
             _normalised(h, n),
             m,
             var.clamp_min(0).sqrt(),
-            math.log(n) - h,
+            _log(n, h) - h,
             sums[Slot.GT_TAU] / (count * n),
             sums[Slot.GT_EPS] / count,
             1 - sums[Slot.GT_EPS] / (count * n),
