@@ -655,8 +655,3 @@ def bank_coherence(atoms: Tensor) -> float:
     unit = a / torch.where(norms > 0, norms, 1.0)[:, None]
     cos = (unit @ unit.T).abs()
     return float(cos[~torch.eye(k, dtype=torch.bool, device=cos.device)].max())
-
-
-# TODO(house): remove once tests/bench use the Reference* names
-SetDiagnostics = ReferenceSetDiagnostics
-BaselineAttentionDiagnostics = ReferenceBaselineAttentionDiagnostics

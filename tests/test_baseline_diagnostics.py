@@ -65,7 +65,7 @@ def test_topk_jaccard_per_query_matches_python_sets():
 
 
 def _run_pair(batches, ref=None, fd=None):
-    ref = ref or reference.BaselineAttentionDiagnostics()
+    ref = ref or reference.ReferenceBaselineAttentionDiagnostics()
     fd = fd or BaselineAttentionDiagnostics()
     out = []
     for epoch in batches:
@@ -181,7 +181,7 @@ def test_parity_random_attention_with_missing_inputs(backend, name):
 def test_single_key_and_one_head(backend, name):
     backend(name)
     attn = torch.ones(2, 1, 3, 1)
-    ref, fd = reference.BaselineAttentionDiagnostics(), BaselineAttentionDiagnostics()
+    ref, fd = reference.ReferenceBaselineAttentionDiagnostics(), BaselineAttentionDiagnostics()
     for _ in range(2):
         ref.update(attn)
         fd.update(attn)
@@ -259,7 +259,7 @@ def test_nonfinite_rows_counted_and_excluded(backend, name):
     fd.update(attn, value_states=values)
     got = fd.get_epoch_stats()
     assert got[NONFINITE] == 2
-    ref = reference.BaselineAttentionDiagnostics()
+    ref = reference.ReferenceBaselineAttentionDiagnostics()
     keep = torch.ones(2, 4, dtype=torch.bool)
     keep[1, 3] = False
     rows = values.reshape(-1, 5)
@@ -409,3 +409,32 @@ def test_unnormalised_attention_weights_warn_once():
         ok = BaselineAttentionDiagnostics()
         ok.update(logits.softmax(-1))
         ok.get_epoch_stats()
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
+def test_compiled_update_is_one_graph_across_sequence_lengths(backend_name, backend):
+    """After its first call (which registers the keys: Python state), a compiled update keeps
+    one graph while the sequence length changes every step (dynamic shapes end to end)."""
+    import torch._dynamo.testing
+
+    from fastdiag import backends
+
+    if backend_name == "cpu" and not backends.cpu_extension_available():
+        pytest.skip("no C++ extension")
+    backend(backend_name)
+    diag, eager = BaselineAttentionDiagnostics(), BaselineAttentionDiagnostics()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(diag.update, fullgraph=True, dynamic=True, backend=counter)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for n in range(7, 17):  # 10 lengths (B * N never equals the key count: no duck sizing)
+            a = torch.softmax(torch.randn(2, 3, n, n, generator=g), -1)
+            compiled(a)
+            eager.update(a)
+    assert counter.frame_count == 2
+    got, want = diag.get_epoch_stats(), eager.get_epoch_stats()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-6, nan_ok=True), k
+    torch._dynamo.reset()
