@@ -176,6 +176,12 @@ class FastdiagCallback(TrainerCallback):
         if self.watch is not None:
             self.watch.record_gradients()
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # a step the optimizer skipped (fp16 overflow: no step hooks, watch.step unchanged)
+        # must not keep the next step from being read
+        if self.watch is not None:
+            self.watch._grads_read_at = -1
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         w = self.watch
         if w is None or not isinstance(logs, dict) or "loss" not in logs:

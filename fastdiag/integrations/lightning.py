@@ -139,6 +139,7 @@ class FastdiagCallback(Callback):
         if w is None or trainer.global_step == self._global_step:  # accumulating: no step yet
             return
         self._global_step = trainer.global_step
+        w._grads_read_at = -1  # a step the AMP scaler skipped must not keep the next one unread
         every_n = trainer.log_every_n_steps
         if not every_n or not (trainer.global_step % every_n == 0 or trainer.should_stop):
             return
