@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import sys
 import tempfile
 import time
@@ -89,13 +90,15 @@ def make_large_db(path: Path, runs: int = 2) -> int:
     return len(keys | {"train/loss", "train/lr"})
 
 
-def build_report(dbs: list[Path], out: Path) -> tuple[float, int, int]:
-    """(seconds, HTML bytes, summary lines) of what ``fastdiag report`` does."""
-    start = time.perf_counter()
+def build_report(dbs: list[Path], out: Path) -> tuple[float, int, int, float]:
+    """(seconds, HTML bytes, summary lines, CPU seconds) of what ``fastdiag report`` does
+    after its imports."""
+    start, cpu = time.perf_counter(), time.process_time()
     data = collect(dbs)
     text = summary_text(data)
     write_html(dbs, out, data=data, progress=False)
-    return time.perf_counter() - start, out.stat().st_size, len(text.splitlines())
+    seconds = time.perf_counter() - start
+    return seconds, out.stat().st_size, len(text.splitlines()), time.process_time() - cpu
 
 
 @pytest.fixture(scope="module")
@@ -141,19 +144,19 @@ def main() -> None:
               f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)  # fmt: skip
         demo = run_demo(tmp_path / "demo", quick=True, stream=io.StringIO()).db
         rows = []
-        for label, db, target in (
-            ("12-layer encoder, 2 runs", large, 5.0),
-            ("demo --quick", demo, 3.0),
-        ):
-            best = min(
-                (build_report([db], tmp_path / "r.html") for _ in range(3)), key=lambda r: r[0]
-            )
-            seconds, size, lines = best
-            met = "met" if seconds < target and (size < 3e6 or target != 5.0) else "missed"
-            rows.append(f"| {label} | {seconds:.2f} s | {size / 1e6:.2f} MB | {lines} | < {target:.0f} s"
-                        f"{', < 3 MB' if target == 5.0 else ''}: {met} |")  # fmt: skip
-        print("| database | time (min of 3) | HTML | summary lines | target |")
-        print("|---|---|---|---|---|")
+        cases = (("12-layer encoder, 485 keys x 50 epochs, 2 runs", large, 5.0),
+                 ("demo --quick", demo, 3.0))  # fmt: skip
+        for label, db, target in cases:
+            build_report([db], tmp_path / "r.html")  # warm: matplotlib's first figure, fonts
+            runs = [build_report([db], tmp_path / "r.html") for _ in range(3)]
+            seconds, size, lines, cpu = min(runs, key=lambda r: r[0])
+            met = seconds < target and (size < 3e6 or target != 5.0)
+            goal = f"< {target:.0f} s" + (", < 3 MB" if target == 5.0 else "")
+            rows.append(f"| {label} | {seconds:.2f} s | {cpu:.2f} s | {size / 1e6:.2f} MB | {lines} "
+                        f"| {goal}: {'met' if met else 'missed'} |")  # fmt: skip
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print("| database | wall (min of 3) | CPU | HTML | summary lines | target |")
+        print("|---|---|---|---|---|---|")
         print("\n".join(rows))
 
 

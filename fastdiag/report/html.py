@@ -262,6 +262,11 @@ def _heatmap_png(
     cax = fig.add_axes((1 - 0.95 / width, 0.45 / height, 0.12 / width, 1 - 0.85 / height))
     bar = fig.colorbar(image, cax=cax)
     bar.ax.tick_params(labelsize=7)
+    if scale == "log":  # plain labels: the default log labels are math text (slow to lay out)
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt(float(v), 2)))
+        bar.ax.yaxis.set_minor_formatter(NullFormatter())
     _literal(bar.ax.set_ylabel(_short(family.rsplit("/", 1)[-1], 30), fontsize=8))
     notes = [f"{len(keys)} members, {scale} colour scale"]
     if len(rows) < len(keys):
