@@ -351,3 +351,23 @@ def test_a_collapsed_model_driven_through_watch_shows_its_verdicts(tmp_path):
     assert "overconfidence" in text and "attention_top1/layers.0.self_attn" in text
     page = write_html(path, tmp_path / "r.html").read_text()
     assert "overconfidence" in page and "attention_top1/layers.0.self_attn" in page
+
+
+def test_progress_bar_on_stderr_for_many_metrics(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    from fastdiag.report import html as report_html
+
+    path = tmp_path / "m.db"
+    with MetricsLogger(path, run="r") as logger:
+        for step in range(3):
+            logger.log({f"grad_norm/layers.{i}": 1.0 + step for i in range(4)} | {"a[1]": 1.0}, step)
+    write_html(path, tmp_path / "r.html", progress=True)
+    captured = capsys.readouterr()
+    assert "fastdiag report: charts" in captured.err and captured.out == ""
+    write_html(path, tmp_path / "r.html")  # few metrics, not a terminal: quiet
+    assert capsys.readouterr().err == ""
+    assert report_html.PROGRESS_MIN_METRICS <= 500  # the 12-layer encoder's report shows one
+    # a key holding glob characters is still chosen by its literal name
+    page = write_html(path, tmp_path / "r.html", metrics=["a[1]"]).read_text()
+    assert re.findall(r"data-metric='([^']*)'", page) == ["a[1]"]

@@ -160,7 +160,8 @@ def select_metrics(
     runs: Sequence[str] = (),
 ) -> list[str]:
     """The keys of ``available`` matching any ``include`` glob (all when None) and no
-    ``exclude`` glob, in the order of the include patterns (then natural order).
+    ``exclude`` glob, in the order of the include patterns (then natural order). A pattern
+    also matches the key spelled exactly like it (a name holding ``[`` needs no escaping).
 
     An include pattern matching no key raises ValueError (a typo must not give an empty report).
     """
@@ -171,7 +172,7 @@ def select_metrics(
         chosen: list[str] = []
         unknown = []
         for pattern in include_p:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
             if not hits:
                 unknown.append(pattern)
             chosen += [n for n in hits if n not in chosen]
@@ -179,7 +180,7 @@ def select_metrics(
             raise ValueError(f"metrics {unknown} were not logged by runs {list(runs)}")
     else:
         chosen = names
-    return [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude_p)]
+    return [n for n in chosen if not any(n == p or fnmatch.fnmatchcase(n, p) for p in exclude_p)]
 
 
 def natural_key(name: str) -> list[object]:

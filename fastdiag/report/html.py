@@ -53,7 +53,8 @@ MAX_HEATMAP_ROWS = 160  # members drawn in a heatmap (evenly chosen beyond)
 GRID_MIN_KEYS = 4  # per-epoch keys of one prefix drawn as one grid of cells from this many
 GRID_MAX_POINTS = 50  # ... when each run logged at most this many values of them
 COMPARE_ROWS = 30  # run-comparison rows shown open (the rest folded)
-PROGRESS_MIN_CHARTS = 40  # progress bar on stderr from this many charts (or on a terminal)
+PROGRESS_MIN_CHARTS = 40
+PROGRESS_MIN_METRICS = 200  # progress bar on stderr from this many charts (or on a terminal)
 _SCHEDULE = re.compile(r"(^|[/_.])(epoch|step|global_step|lr|learning_rate|iteration)$")
 
 
@@ -381,11 +382,12 @@ def _figure(kind: str, name: str, png: str, caption: str) -> str:
     )
 
 
-def _progress(total: int, show: bool | None):
-    """A tqdm bar on stderr (when stderr is a terminal or ``total`` >= PROGRESS_MIN_CHARTS,
-    unless ``show`` says otherwise), else a no-op."""
+def _progress(total: int, show: bool | None, metrics: int = 0):
+    """A tqdm bar on stderr (when stderr is a terminal, ``total`` >= PROGRESS_MIN_CHARTS or
+    ``metrics`` >= PROGRESS_MIN_METRICS, unless ``show`` says otherwise), else a no-op."""
     if show is None:
-        show = total >= PROGRESS_MIN_CHARTS or sys.stderr.isatty()
+        tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        show = tty or total >= PROGRESS_MIN_CHARTS or metrics >= PROGRESS_MIN_METRICS
     if show:
         try:
             from tqdm.auto import tqdm
@@ -431,8 +433,8 @@ def write_html(
     family becomes one heatmap and one small-multiples chart (``<figure class='chart family'
     data-family=...>``), other keys one chart each (``<figure class='chart single'
     data-metric=...>``). ``window`` fixes the smoothing window (default: a tenth of each
-    series' points, 3 to 100). ``progress``: tqdm bar on stderr (default: on a terminal or from
-    ``PROGRESS_MIN_CHARTS`` charts). ``data``: what :func:`~fastdiag.report.tables.collect`
+    series' points, 3 to 100). ``progress``: tqdm bar on stderr (default: on a terminal, from
+    ``PROGRESS_MIN_CHARTS`` charts or from ``PROGRESS_MIN_METRICS`` metrics). ``data``: what :func:`~fastdiag.report.tables.collect`
     already read (``db`` / ``runs`` / ``metrics`` / ``exclude`` are then not read again).
     """
     if window is not None and (isinstance(window, bool) or window < 1):
@@ -549,7 +551,8 @@ def write_html(
             if note not in part:
                 part.append(note)
     else:
-        bar = _progress(sum(2 if kind == "family" else 1 for _, kind, _ in charts), progress)
+        total = sum(2 if kind == "family" else 1 for _, kind, _ in charts)
+        bar = _progress(total, progress, len(data.names))
         grids: dict[int, list[str]] = {}
         try:
             for part, kind, what in charts:
