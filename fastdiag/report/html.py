@@ -182,7 +182,9 @@ def _chart_png(name: str, by_run: Mapping[str, Series], window: int | None) -> t
         what.append(f"centred mean over {', '.join(map(str, sorted(used)))} points")
     if banded:
         what.append("band +/- 1 std")
-    caption = "; ".join(what + notes) or "values"
+    caption = (
+        "; ".join(what + notes) or "values, not smoothed (a counter, a schedule or few points)"
+    )
     return _png(fig), caption
 
 
@@ -329,8 +331,9 @@ def _multiples_png(
         legend = fig.legend(list(handles.values()), [_short(r, 30) for r in handles], fontsize=7,
                             loc="lower center", ncol=min(6, len(handles)), frameon=False)  # fmt: skip
         _literal(*legend.get_texts())
-    caption = (f"small multiples: x step {x0} .. {x1}, y {family.rsplit('/', 1)[-1]} scaled "
-               "per cell to the range printed in it")  # fmt: skip
+    what = "each cell's metric" if limit >= len(keys) else family.rsplit("/", 1)[-1]
+    caption = (f"small multiples: x step {x0} .. {x1}, y {what} scaled per cell to the range "
+               "printed in it")  # fmt: skip
     if len(shown) < len(keys):
         caption += f"; {len(shown)} of {len(keys)} members (evenly spaced; all in the heatmap)"
     return _png(fig), caption
@@ -602,7 +605,7 @@ def _draw(kind: str, what: object, labels: Sequence[str], by_run: Mapping[str, M
             }
             png, caption = _multiples_png(prefix, keys, held, limit=len(keys))
             attr = html.escape(" ".join(keys), quote=True)
-            figure = _figure("grid", prefix + "/", png, "per-epoch metrics, " + caption)
+            figure = _figure("grid", prefix + "/", png, "per-epoch metrics; " + caption)
             return [figure.replace(" data-family=", f" data-metrics='{attr}' data-family=", 1)]
         if kind == "family":
             family, keys = what  # type: ignore[misc]
