@@ -7,7 +7,8 @@
 // usage_summary   counts of bank indices and every usage statistic (+ the reuse Jaccard)
 // attention_values the training integration's per-layer [entropy, sparsity, top1, effective
 //                 heads, normalised entropy] from per-head rows
-// param_norms_    gradient norm, parameter norm and change against the previous parameters,
+// param_norms_    gradient norm, parameter norm and change against the previous parameters
+//                 (+ the call-order flags gradient_missing and moved),
 //                 refreshing the previous copies in place
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -291,13 +292,15 @@ at::Tensor param_norms_(at::TensorList params, at::TensorList grads, at::TensorL
     }
     add_sq(params[i], q, p2, d2);
   }
-  auto out = at::empty({3}, at::TensorOptions().dtype(at::kDouble));
+  auto out = at::empty({5}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
   // a norm over NaN entries is reported as +inf: non-finite data, not "undefined" (NaN)
   const auto norm = [](double sq) { return std::isnan(sq) ? kInf : std::sqrt(sq); };
   o[0] = norm(g2);
   o[1] = norm(p2);
   o[2] = has_prev ? norm(d2) : kNaN;
+  o[3] = o[0] == 0.0 ? 1.0 : 0.0;                      // gradient_missing (None or all zero)
+  o[4] = has_prev ? (o[2] > 0.0 ? 1.0 : 0.0) : kNaN;  // moved since the previous update
   return out;
 }
 

@@ -438,3 +438,30 @@ def test_compiled_update_is_one_graph_across_sequence_lengths(backend_name, back
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-6, nan_ok=True), k
     torch._dynamo.reset()
+
+
+def test_update_after_zero_grad_warns_once_at_get_epoch_stats():
+    """The parameters move but every update sees no gradient: update() runs after zero_grad()."""
+    import warnings
+
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for after_zero_grad in (True, False):
+        diag = BaselineAttentionDiagnostics()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                layer(torch.randn(2, 4)).pow(2).sum().backward()
+                if not after_zero_grad:
+                    diag.update(None, attention_params=dict(layer.named_parameters()))
+                opt.step()
+                opt.zero_grad()
+                if after_zero_grad:
+                    with forbid_host_sync():
+                        diag.update(None, attention_params=dict(layer.named_parameters()))
+            diag.get_epoch_stats()
+            diag.get_epoch_stats()
+        messages = [str(w.message) for w in caught if "zero_grad" in str(w.message)]
+        assert len(messages) == (1 if after_zero_grad else 0), messages
+        if after_zero_grad:
+            assert "attention_params had no gradient" in messages[0]

@@ -12,8 +12,6 @@ import torch
 from torch import Tensor
 
 from fastdiag.ops import effective_rank
-from fastdiag.ops import norms as _norms
-from fastdiag.ops import summaries as _summaries
 from fastdiag.ops.cosine import check_sample
 
 
@@ -94,82 +92,6 @@ def rowsum_warnings(
             )
 
 
-class _ParamTracker:
-    """Gradient norm, parameter norm and weight change of a name -> tensor dict, on device.
-
-    The previous parameters are device copies, refreshed in place (``torch._foreach_copy_``)
-    while the names, shapes and dtypes stay the same.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.prev: dict[str, Tensor] | None = None
-
-    def check(self, params: Any) -> None:
-        """Host-side checks: a non-empty dict of tensors whose shapes match the previous update."""
-        if not isinstance(params, Mapping):
-            raise TypeError(f"{self.name} must be a dict name -> Parameter, got {type(params).__name__}")
-        if not params:
-            raise ValueError(f"{self.name} must hold at least one parameter, got an empty dict")
-        for n, p in params.items():
-            check_tensor(p, f"{self.name}[{n!r}]")
-            if self.prev is not None and n in self.prev and self.prev[n].shape != p.shape:
-                raise ValueError(
-                    f"{self.name}[{n!r}] changed shape from {tuple(self.prev[n].shape)} "
-                    f"to {tuple(p.shape)} between updates"
-                )
-
-    def update(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(gradient norm, parameter norm, weight change or NaN without a previous update)."""
-        grad, norm, change = self.update_values(params).unbind()
-        return grad, norm, change
-
-    def update_values(self, params: Mapping[str, Tensor]) -> Tensor:
-        """float64 [3]: (gradient norm, parameter norm, weight change or NaN), one fused op on the
-        CPU in the steady state (same names, shapes and dtypes as the previous update)."""
-        self.check(params)
-        tensors = list(params.values())
-        grads = [p.grad for p in tensors if p.grad is not None]
-        prev = self.prev
-        if prev is None:
-            values = _summaries.param_norms(tensors, grads, None)
-            self.prev = {n: t.detach().clone(memory_format=torch.contiguous_format) for n, t in params.items()}
-            return values
-        if self._same(prev, params):
-            return _summaries.param_norms(tensors, grads, list(prev.values()))
-        # the parameter set changed: the change over the common names, then a fresh snapshot
-        names = list(params)
-        device = tensors[0].device
-        common = [i for i, n in enumerate(names) if n in prev]
-        values = _summaries.param_norms(tensors, grads, None)
-        if common:
-            cur = [tensors[i].detach() for i in common]
-            old = [prev[names[i]].to(tensors[i].device) for i in common]
-            change = _norms.diff_norms(cur, old).to(device).square().sum().sqrt()
-        else:
-            change = torch.zeros((), dtype=torch.float64, device=device)
-        values = torch.stack([values[0], values[1], change.to(values.device)])
-        self.prev = {n: t.detach().clone(memory_format=torch.contiguous_format) for n, t in params.items()}
-        return values
-
-    @staticmethod
-    def _same(prev: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> bool:
-        if len(prev) != len(params):
-            return False
-        for (n, q), (m, p) in zip(prev.items(), params.items(), strict=True):
-            if n != m or q.shape != p.shape or q.dtype != p.dtype or q.device != p.device or not q.is_contiguous():
-                return False
-        return True
-
-    def state_dict(self) -> dict[str, Tensor] | None:
-        return None if self.prev is None else {k: v.clone() for k, v in self.prev.items()}
-
-    def load_state_dict(self, prev: Mapping[str, Tensor] | None) -> None:
-        self.prev = None if prev is None else {
-            k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in prev.items()
-        }
-
-
 def check_cosine_samples(samples: int | None) -> int | None:
     """The classes' ``cosine_samples`` argument validated: an int >= 2, or None (every row)."""
     return check_sample(samples, "cosine_samples")
@@ -192,3 +114,23 @@ __all__ = [
     "report_flags",
     "rowsum_warnings",
 ]
+
+
+def call_order_warning(
+    raw: Mapping[str, float], argument: str, keys: tuple[str, str], warned: set[str], stacklevel: int = 4
+) -> None:
+    """Warn once per object (``warned``) when every update of the epoch saw no gradient (all
+    ``.grad`` None or zero) for ``argument`` while its parameters changed between updates: the
+    model trains, so ``update()`` most likely runs after ``optimizer.zero_grad()``.
+    ``keys``: the internal means of ``gradient_missing`` and ``moved`` (summaries.PARAM_FIELDS)."""
+    missing, moved = raw.get(keys[0], 0.0), raw.get(keys[1], 0.0)
+    if argument not in warned and missing >= 1.0 and moved > 0:
+        warned.add(argument)
+        warnings.warn(
+            f"{argument} had no gradient (None or all zero) at every update of this epoch while "
+            "the parameters changed between updates: update() probably runs after "
+            "optimizer.zero_grad(); call it after loss.backward() and before zero_grad(), or the "
+            "gradient norm reads 0 (a false 'vanishing gradient')",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )

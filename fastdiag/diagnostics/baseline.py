@@ -21,7 +21,12 @@ import torch
 from torch import Tensor
 
 from fastdiag import ops, schema
-from fastdiag.diagnostics._base import check_cosine_samples, check_float, rowsum_warnings
+from fastdiag.diagnostics._base import (
+    call_order_warning,
+    check_cosine_samples,
+    check_float,
+    rowsum_warnings,
+)
 from fastdiag.diagnostics.base import Diagnostics
 from fastdiag.diagnostics.params import ParamTracker
 from fastdiag.ops import Slot, summaries
@@ -50,6 +55,9 @@ _HAS_HEADS = "heads" in inspect.signature(ops.dist_stats).parameters  # dist_sta
 # internal: sum of |row sum - 1| and number of rows of the attention weights (means per update)
 _ROWSUM = {"attention_weights": ("_rowsum/attention_weights", "_rows/attention_weights", "")}
 _ROWSUM_ADD = (tuple(_ROWSUM["attention_weights"][:2]), (Slot.ROWSUM_ERR, Slot.COUNT))
+# internal: call-order flags of the parameter norms (summaries.PARAM_FIELDS positions 3, 4)
+_CALL_ORDER = ("_params/gradient_missing", "_params/moved")
+_CALL_ORDER_PAIRS = ((_CALL_ORDER[0], 3), (_CALL_ORDER[1], 4))
 _JACCARD_KEYS = ("baseline/attention_pattern_jaccard", "baseline/attention_topk_jaccard_per_query")
 
 
@@ -91,7 +99,7 @@ class BaselineAttentionDiagnostics(Diagnostics):
         attention = [(k, DIST[f]) for k, f in _ATTENTION_FIELDS.items()]
         self._attn = _select([*attention, (NONFINITE_ROWS, DIST["nonfinite_rows"])], self.keys)
         self._attn_no_nf = _select(attention, self.keys)  # with value_states: one summed count
-        self._param = _select([(k, i) for i, k in enumerate(_PARAM_KEYS)], self.keys)
+        self._param = _select([*((k, i) for i, k in enumerate(_PARAM_KEYS)), *_CALL_ORDER_PAIRS], self.keys)
         self._value = _select([(k, i) for i, k in enumerate((*_VALUE_KEYS, NONFINITE_ROWS))], self.keys)
         self.add_state("_params", ParamTracker("attention_params"), reset=False)
         self.add_state("_prev_top", None)
@@ -287,6 +295,7 @@ class BaselineAttentionDiagnostics(Diagnostics):
 
     def _epoch_values(self, raw: dict[str, float]) -> dict[str, float]:
         rowsum_warnings(raw, _ROWSUM, self._rowsum_warned, stacklevel=5)  # the caller of get_epoch_stats
+        call_order_warning(raw, "attention_params", _CALL_ORDER, self._rowsum_warned, stacklevel=5)
         return super()._epoch_values(raw)
 
     def state_dict(self) -> dict[str, Any]:

@@ -214,12 +214,12 @@ class ParamTracker:
 
     def update(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(gradient norm, parameter norm, weight change): :meth:`update_values` as three 0-d tensors."""
-        grad, norm, change = self.update_values(params).unbind()
+        grad, norm, change = self.update_values(params)[:3].unbind()
         return grad, norm, change
 
     def update_values(self, params: Mapping[str, Tensor]) -> Tensor:
-        """float64 [3] on the device of the first parameter: (gradient norm, parameter norm,
-        weight change).
+        """float64 [5] on the device of the first parameter: (gradient norm, parameter norm,
+        weight change, gradient_missing, moved) (``fastdiag.ops.summaries.PARAM_FIELDS``).
 
         The gradient norm covers the parameters with a ``.grad`` (0 when none has one). The
         weight change is ``||params now - params at the previous update||`` over the names
@@ -245,7 +245,8 @@ class ParamTracker:
                 change = diff_norms(cur, old).to(device).square().sum().sqrt()
             else:
                 change = torch.zeros((), dtype=torch.float64, device=device)
-            values = torch.stack([values[0], values[1], change])
+            moved = (change > 0).to(torch.float64)
+            values = torch.stack([values[0], values[1], change, values[3], moved])
         self.prev = _refresh(prev, names, tensors)
         return values
 

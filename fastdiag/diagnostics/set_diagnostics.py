@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastdiag import ops, schema
 from fastdiag.diagnostics._base import (
-    _ParamTracker,
+    call_order_warning,
     check_cosine_samples,
     check_float,
     check_tensor,
@@ -31,10 +31,11 @@ from fastdiag.diagnostics._base import (
     rowsum_warnings,
 )
 from fastdiag.diagnostics.base import Diagnostics
+from fastdiag.diagnostics.params import ParamTracker
 from fastdiag.ops import Slot, summaries
 from fastdiag.ops.embedding import EMBEDDING_FIELDS, embedding_raw
 from fastdiag.ops.spectral import NUM_STATS, spectral_raw
-from fastdiag.ops.summaries import DIST, USAGE
+from fastdiag.ops.summaries import DIST, PARAM_FIELDS, USAGE
 from fastdiag.ops.token_table import MAX_TOKEN_CAPACITY, TokenTable
 from fastdiag.schema import COSINE_SAMPLES, DEFAULT_TOKEN_CAPACITY, NONFINITE_ROWS, SET_DELTAS
 
@@ -90,6 +91,8 @@ _EMBEDDING_KEYS = (
     "ausa/set_rank_effective",
 )
 _PARAM_KEYS = ("ausa/router_gradient_norm", "ausa/router_param_norm", "ausa/router_weight_change")
+# internal: call-order flags of the parameter norms (summaries.PARAM_FIELDS positions 3, 4)
+_CALL_ORDER = ("_params/gradient_missing", "_params/moved")
 _TOKEN_KEYS = ("ausa/routing_consistency", _TOKEN_OVERFLOW, _TOKEN_MAX)
 _NF = DIST["nonfinite_rows"]
 
@@ -111,7 +114,11 @@ _PARTS: dict[str, tuple[int, tuple[tuple[str, int], ...], int | None]] = {
         EMBEDDING_FIELDS.index("nonfinite_rows"),
     ),
     "set_attention": (len(DIST), _SET_ATTENTION, _NF),
-    "params": (len(_PARAM_KEYS), tuple((k, i) for i, k in enumerate(_PARAM_KEYS)), None),
+    "params": (
+        len(PARAM_FIELDS),
+        (*((k, i) for i, k in enumerate(_PARAM_KEYS)), (_CALL_ORDER[0], 3), (_CALL_ORDER[1], 4)),
+        None,
+    ),
     # the dist_stats sums of router_probs / set_attention_weights: row-sum error and row count
     **{
         f"rowsum:{name}": (Slot.NUM, ((err, Slot.ROWSUM_ERR), (rows, Slot.COUNT)), None)
@@ -175,7 +182,7 @@ class SetDiagnostics(Diagnostics):
             raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
         super().__init__()
         self.cosine_samples = check_cosine_samples(cosine_samples)
-        self.add_state("_params", _ParamTracker("router_params"), reset=False)
+        self.add_state("_params", ParamTracker("router_params"), reset=False)
         self.add_state("_tokens", TokenTable(vocab_size or DEFAULT_TOKEN_CAPACITY), reset=False)
         self.add_state("_prev_epoch", {}, reset=False)  # previous epoch values of the delta_* bases
         self.add_state("_prev_active", None)
@@ -393,6 +400,7 @@ class SetDiagnostics(Diagnostics):
             stacklevel=5,  # the caller of SetDiagnostics.get_epoch_stats
         )
         rowsum_warnings(raw, _ROWSUM, self._rowsum_warned, stacklevel=5)
+        call_order_warning(raw, "router_params", _CALL_ORDER, self._rowsum_warned, stacklevel=5)
         max_id = raw.get(_TOKEN_MAX, 0.0)
         overflow = raw.get(_TOKEN_OVERFLOW, 0.0)
         if overflow > 0:

@@ -232,7 +232,8 @@ def dist_stats(
     _validate(x, reduce_dim, topk, row_mask, window)
     if not torch.compiler.is_compiling():  # traced floats may be symbolic: checked eagerly
         _check_thresholds(tau, eps, query_offset)
-    x = x.detach()  # statistics, not a differentiable function: no graph on any backend
+    if x.requires_grad:  # statistics, not a differentiable function: no graph on any backend
+        x = x.detach()
     x4, lead = _canonical(x, reduce_dim)
     nrows = x4.shape[0] * x4.shape[2]
     mask = None

@@ -40,7 +40,13 @@ USAGE_FIELDS: tuple[str, ...] = (
 )
 USAGE = {name: i for i, name in enumerate(USAGE_FIELDS)}
 
-PARAM_FIELDS: tuple[str, ...] = ("gradient_norm", "param_norm", "weight_change")
+PARAM_FIELDS: tuple[str, ...] = (
+    "gradient_norm",
+    "param_norm",
+    "weight_change",
+    "gradient_missing",  # 1 when no parameter had a gradient (None or all zero), else 0
+    "moved",  # 1 when the parameters changed since the previous update, 0 when not, NaN first
+)
 
 ROUTER_FIELDS: tuple[str, ...] = (
     "entropy_norm",  # mean over the valid tokens of H(softmax(logits)) / log E

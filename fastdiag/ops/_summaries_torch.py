@@ -127,7 +127,11 @@ def param_norms_torch(
     bad = norms.isnan()
     if prev is None:
         bad[2] = False
-    return torch.where(bad, math.inf, norms)
+    norms = torch.where(bad, math.inf, norms)
+    flags = torch.stack([(norms[0] == 0).to(torch.float64), (norms[2] > 0).to(torch.float64)])
+    if prev is None:
+        flags[1] = math.nan
+    return torch.cat([norms, flags])
 
 
 def accumulate_torch(state: Tensor, idx: Tensor, src: Tensor, values: Tensor) -> None:

@@ -123,7 +123,8 @@ def usage_summary(
 def param_norms(
     params: Sequence[Tensor], grads: Sequence[Tensor], prev: Sequence[Tensor] | None
 ) -> Tensor:
-    """float64 [3] (gradient norm, parameter norm, change ||params - prev||; NaN without ``prev``).
+    """float64 [5] (gradient norm, parameter norm, change ||params - prev|| (NaN without
+    ``prev``), gradient_missing, moved): ``PARAM_FIELDS``.
 
     ``prev`` (same shapes and dtypes as ``params``, contiguous) is overwritten with ``params``.
     The gradient norm is 0 without gradients. Tensors on several devices run the torch code.
