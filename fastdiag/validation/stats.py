@@ -101,7 +101,8 @@ def capture_stats(
 
     # 5. row_std over the attendable keys (population std), per head
     mu = (pv * allowed).sum(-1) * inv
-    var = (ds.rows[..., RowSlot.SUMSQ] * inv - mu * mu).clamp_min(0)
+    # centred (sumsq / n - mu^2 from dist_stats' per-row sumsq cancels in float32 near uniform)
+    var = (((pv - mu[..., None]) ** 2) * allowed).sum(-1) * inv
     std = torch.where(multi, var.sqrt(), 0)
     out["head_std"] = std.sum((0, 2), dtype=_F64)  # [H]
     out["head_rows"] = multi.sum((0, 2), dtype=_F64)
