@@ -27,6 +27,8 @@ _EXPORTS = {
     "verdicts": "fastdiag.schema",
     # representation quality
     "concept_analysis": "fastdiag.concept",
+    "validate_attention": "fastdiag.validation",
+    "ValidationReport": "fastdiag.validation",
     # training integration
     "watch": "fastdiag.integrations",
     "TrainingDiagnostics": "fastdiag.diagnostics.training",

@@ -139,6 +139,43 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _validate(args: argparse.Namespace) -> int:
+    """``fastdiag validate``: the attention validation report of a local Hugging Face model."""
+    import json
+
+    import torch
+    import transformers
+
+    from fastdiag.validation import validate_attention
+
+    loss_fn = None
+    try:
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, local_files_only=True)
+            loss_fn = lambda m, b: m(b, labels=b).loss  # noqa: E731  (the model's own LM loss)
+        except ValueError:  # not a causal LM: the base model, without a loss
+            model = transformers.AutoModel.from_pretrained(args.model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        print(f"fastdiag validate: cannot load a model from {args.model_dir}: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    if args.ids:
+        try:
+            ids = [int(t) for t in Path(args.ids).read_text(encoding="utf-8").split()]
+        except (OSError, ValueError) as exc:
+            print(f"fastdiag validate: --ids {args.ids}: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        batch = torch.tensor([ids[: args.seq_len] if args.seq_len else ids], dtype=torch.long)
+    else:
+        vocab = int(getattr(model.config, "vocab_size", 0) or 2)
+        torch.manual_seed(0)
+        batch = torch.randint(0, vocab, (1, args.seq_len or 32))
+    report = validate_attention(model, batch, loss_fn=loss_fn, local_window=args.window)
+    print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return 1 if report.status == "fail" else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fastdiag`` command."""
     from fastdiag import __version__
@@ -195,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--break", dest="brk", choices=("router",), help="freeze the router")
     p.add_argument("--out", default="runs", help="directory for demo.db and demo_report.html")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("validate", help="attention validation report of a local Hugging Face model (exit 1: a fail)")
+    p.add_argument("model_dir", help="a directory written by save_pretrained (read offline)")
+    p.add_argument("--ids", help="file of whitespace-separated token ids (default: random ids)")
+    p.add_argument("--seq-len", type=_positive_int, help="sequence length (default 32; truncates --ids)")
+    p.add_argument("--window", type=int, default=5, help="local window |i - j| <= w (default 5)")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.set_defaults(func=_validate)
     return parser
 
 
