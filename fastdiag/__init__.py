@@ -38,6 +38,10 @@ _EXPORTS = {
     # store
     "MetricsLogger": "fastdiag.store",
     "reference": "fastdiag.reference",
+    # stability criteria of dictionary / mixture loops
+    "stability": "fastdiag.stability",
+    "StabilityCriteria": "fastdiag.stability",
+    "EarlyStopping": "fastdiag.stability",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
