@@ -4,14 +4,18 @@ Synthetic "expert weights" W [E, D] are sparse mixtures (4 of K basis experts ea
 orthogonal bank, plus a little noise. The loop learns a bank B [K, D] (unit-RMS atoms), codes
 alpha [E, K] (a temperature softmax of per-expert logits) and a scale per expert:
 
-* coding step: ``inner`` mirror-descent iterations on the logits z (alpha = softmax(z / T)),
-  the temperature annealed by ``T <- max(T_min, T * (1 - anneal))`` at every iteration; then the
+* coding step: ``inner`` iterations of a fixed step on the logits z (alpha = softmax(z / T))
+  along the reconstruction gradient plus a small entropy penalty (sparse codes), the temperature
+  annealed by ``T <- max(T_min, T * (1 - anneal))`` at every iteration. Through softmax(z / T)
+  a step moves log(alpha) by about step / T: at a low temperature the updates overshoot and the
+  codes go one-hot. Then the
   codes are pruned (entries <= epsilon set to 0, rows renormalised) and the logits are rebuilt
   from the pruned codes, ``z = T * log(alpha)``. The "before" code takes that log of the raw
   codes: a pruned entry gives a -inf logit, and that basis can never come back for that expert.
   The "after" code clamps the codes at epsilon first (``log(max(alpha, epsilon))``).
 * dictionary step: least squares for B given the codes and scales, atoms rescaled to RMS 1;
-  scales refit by least squares.
+  scales refit by least squares; the bank is warm-started from a noisy copy of the generating
+  bases (a cold start lands in other local minima of this small problem, for both settings).
 * stats: ``fastdiag.stability.am_stats`` (on the device), logged with ``fastdiag.MetricsLogger``
   and judged by ``fastdiag.stability.EarlyStopping`` (``StabilityCriteria`` defaults).
 
@@ -53,8 +57,9 @@ AFTER = Settings(
 )
 
 
-def make_experts(n_experts: int, n_bases: int, dim: int, support: int, noise: float,
-                 generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+def make_experts(
+    n_experts: int, n_bases: int, dim: int, support: int, noise: float, generator: torch.Generator
+) -> torch.Tensor:
     """W [E, D]: each row a random convex mix of ``support`` of the orthogonal bases, + noise."""
     bank = torch.linalg.qr(torch.randn(dim, n_bases, generator=generator)).Q.T * math.sqrt(dim)
     codes = torch.zeros(n_experts, n_bases)
@@ -65,9 +70,23 @@ def make_experts(n_experts: int, n_bases: int, dim: int, support: int, noise: fl
     return codes @ bank + noise * torch.randn(n_experts, dim, generator=generator), bank
 
 
-def run(settings: Settings, weights: torch.Tensor, *, n_bases: int, target_support: int,
-        epochs: int, inner: int, step: float, sparsity: float, patience: int, logger: fastdiag.MetricsLogger,
-        seed: int, init_bank: torch.Tensor, warm_noise: float = 0.5, verbose: bool = True) -> dict:  # fmt: skip
+def run(
+    settings: Settings,
+    weights: torch.Tensor,
+    *,
+    n_bases: int,
+    target_support: int,
+    epochs: int,
+    inner: int,
+    step: float,
+    sparsity: float,
+    patience: int,
+    logger: fastdiag.MetricsLogger,
+    seed: int,
+    init_bank: torch.Tensor,
+    warm_noise: float = 0.5,
+    verbose: bool = True,
+) -> dict:
     """One AM run; returns a summary (epochs run, stop reason, last stats, verdict)."""
     g = torch.Generator().manual_seed(seed)
     n_experts, dim = weights.shape
@@ -89,9 +108,8 @@ def run(settings: Settings, weights: torch.Tensor, *, n_bases: int, target_suppo
         for _ in range(inner):
             alpha = torch.softmax(z / temp, dim=-1)
             grad = 2 * scale[:, None] * (scale[:, None] * (alpha @ bank) - weights) @ bank.T
-            neg_entropy_grad = (
-                alpha.clamp_min(1e-30).log() + 1
-            )  # d(-H)/d alpha: favours sparse codes
+            # d(-H)/d alpha: a small entropy penalty that favours sparse codes
+            neg_entropy_grad = alpha.clamp_min(1e-30).log() + 1
             # a fixed step on the logits: through softmax(z / T) it moves log(alpha) by ~step / T
             z = z - ((step / lipschitz) * grad - sparsity * neg_entropy_grad)
             temp = max(settings.min_temperature, temp * (1 - settings.anneal))
@@ -110,23 +128,38 @@ def run(settings: Settings, weights: torch.Tensor, *, n_bases: int, target_suppo
         ).solution.T  # unconstrained least-squares codes
         recon = scale[:, None] * mixed
         device_stats = am_stats(
-            recon={"up": (weights[:, :half], recon[:, :half]), "gate": (weights[:, half:], recon[:, half:])},
-            alpha=alpha, logits=logits, bank=bank,
+            recon={
+                "up": (weights[:, :half], recon[:, :half]),
+                "gate": (weights[:, half:], recon[:, half:]),
+            },
+            alpha=alpha,
+            logits=logits,
+            bank=bank,
             refit=(refit[:, None, :], bank[None], weights[:, None, :]),
-            eps=eps, target_support=target_support, temperature=temp, check_finite=(scale,),
-        )  # fmt: skip
+            eps=eps,
+            target_support=target_support,
+            temperature=temp,
+            check_finite=(scale,),
+        )
         logger.log(device_stats, step=epoch)
         stop = stopper.step(device_stats)
         stats = stopper.history[-1]
         verdict = stopper.verdict
-        if first_flag is None and any(v.severity == "critical" and v.failure in
-                                      fastdiag.stability.COLLAPSE_FAILURES for v in verdict.failing):  # fmt: skip
+        if first_flag is None and any(
+            v.severity == "critical" and v.failure in fastdiag.stability.COLLAPSE_FAILURES
+            for v in verdict.failing
+        ):
             first_flag = epoch
         if verbose and (epoch % 5 == 0 or stop):
-            print(f"  [{settings.name}] epoch {epoch:3d}  rMSE {max(stats['recon/rMSE_up'], stats['recon/rMSE_gate']):.3g}"
-                  f"  support median {stats['alpha/median_support']:.3g} mean {stats['alpha/mean_support']:.3g}"
-                  f"  T {stats['alpha/temp_T']:.3g}  -inf rows {stats['alpha/nonfinite_logit_rows']:.0f}"
-                  f"  coherence {stats['bank/coherence_offdiag_max']:.3g}  {'stable' if verdict.stable else 'UNSTABLE'}")  # fmt: skip
+            rmse = max(stats["recon/rMSE_up"], stats["recon/rMSE_gate"])
+            print(
+                f"  [{settings.name}] epoch {epoch:3d}  rMSE {rmse:.3g}"
+                f"  support median {stats['alpha/median_support']:.3g}"
+                f" mean {stats['alpha/mean_support']:.3g}  T {stats['alpha/temp_T']:.3g}"
+                f"  -inf rows {stats['alpha/nonfinite_logit_rows']:.0f}"
+                f"  coherence {stats['bank/coherence_offdiag_max']:.3g}"
+                f"  {'stable' if verdict.stable else 'UNSTABLE'}"
+            )
         if stop:
             break
     return {
@@ -163,15 +196,30 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         db = Path(args.db) if args.db else Path(tmp) / "am_loop.db"
         for settings in (BEFORE, AFTER):
             print(f"{settings}")
-            with fastdiag.MetricsLogger(db, run=f"am-{settings.name}-{args.seed}",
-                                        config=settings.__dict__) as logger:  # fmt: skip
-                res = run(settings, weights, n_bases=n_bases, target_support=4, epochs=epochs,
-                          inner=20, step=2.0, sparsity=0.005, patience=3, logger=logger, seed=args.seed + 1, init_bank=true_bank,
-                          verbose=not args.quiet)  # fmt: skip
+            with fastdiag.MetricsLogger(
+                db, run=f"am-{settings.name}-{args.seed}", config=settings.__dict__
+            ) as logger:
+                res = run(
+                    settings,
+                    weights,
+                    n_bases=n_bases,
+                    target_support=4,
+                    epochs=epochs,
+                    inner=20,
+                    step=2.0,
+                    sparsity=0.005,
+                    patience=3,
+                    logger=logger,
+                    seed=args.seed + 1,
+                    init_bank=true_bank,
+                    verbose=not args.quiet,
+                )
             res["db"] = str(db)
             results[settings.name] = res
-            print(f"  -> {res['reason']} after {res['epochs']} epochs; "
-                  f"{'stable' if res['stable'] else 'unstable'}")  # fmt: skip
+            print(
+                f"  -> {res['reason']} after {res['epochs']} epochs; "
+                f"{'stable' if res['stable'] else 'unstable'}"
+            )
             for line in res["messages"]:
                 print(f"     {line}")
     return results

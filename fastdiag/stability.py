@@ -1,4 +1,4 @@
-"""Stability criteria and early stopping for dictionary / mixture learning loops (docs/metrics.md §11).
+"""Stability criteria and early stopping for dictionary / mixture loops (docs/metrics.md §11).
 
 An alternating-minimisation loop (coding step: softmax mixture weights ``alpha`` over a bank of
 bases at temperature T; dictionary step: the bank; refit: per-target coefficients by least
@@ -177,16 +177,20 @@ class StabilityCriteria:
                  message=f"|mean support - target| above {self.support_error_max:g}",
                  severity="critical"),
             Rule("coherence_offdiag_max", high=self.coherence_max, failure="bank not diverse",
-                 message=f"two bases have |cosine| above {self.coherence_max:g}", severity="critical"),
+                 message=f"two bases have |cosine| above {self.coherence_max:g}",
+                 severity="critical"),
             Rule("nan_infs", high=self.nan_infs_max, failure="non-finite values",
                  message=f"more than {self.nan_infs_max:g} NaN / inf entries", severity="critical"),
             *COLLAPSE_RULES,
         )  # fmt: skip
 
     def __repr__(self) -> str:
-        return (f"StabilityCriteria(rmse_max={self.rmse_max:g}, min_improvement={self.min_improvement:g}, "
-                f"support_error_max={self.support_error_max:g}, coherence_max={self.coherence_max:g}, "
-                f"nan_infs_max={self.nan_infs_max:g})")  # fmt: skip
+        return (
+            f"StabilityCriteria(rmse_max={self.rmse_max:g}, "
+            f"min_improvement={self.min_improvement:g}, "
+            f"support_error_max={self.support_error_max:g}, "
+            f"coherence_max={self.coherence_max:g}, nan_infs_max={self.nan_infs_max:g})"
+        )
 
     def check(
         self, stats: Mapping[str, Any], history: Sequence[Mapping[str, Any]] | None = None
@@ -298,8 +302,10 @@ class EarlyStopping:
             self.reason = f"collapsed: {', '.join(collapse)} for {self._unstable} steps"
             return True
         if verdict.stable and self._stale >= self.patience:
-            self.reason = (f"converged: stable, no improvement >= {self.criteria.min_improvement:g} "
-                           f"for {self._stale} steps (best {self.best:.4g} at step {self.best_step})")  # fmt: skip
+            self.reason = (
+                f"converged: stable, no improvement >= {self.criteria.min_improvement:g} for "
+                f"{self._stale} steps (best {self.best:.4g} at step {self.best_step})"
+            )
             return True
         return False
 
