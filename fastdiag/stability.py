@@ -146,7 +146,7 @@ class StabilityCriteria:
     Critical (each makes the epoch unstable):
 
     * every ``recon/rMSE_<group>``: ``rMSE <= rmse_max`` or improved by ``>= min_improvement``
-      since the previous epoch (``history[-1]``; without history the first epoch passes);
+      since the previous epoch (``history[-1]``; not judged where history lacks the key);
     * ``alpha/support_error <= support_error_max``;
     * ``bank/coherence_offdiag_max <= coherence_max``;
     * ``health/nan_infs <= nan_infs_max``;
@@ -209,7 +209,9 @@ class StabilityCriteria:
                 failing.append(
                     Verdict(key, value, "non-finite reconstruction", "rMSE is NaN", "critical")
                 )
-            elif value > self.rmse_max and past and not improvement >= self.min_improvement:
+            elif value > self.rmse_max and not improvement >= self.min_improvement:
+                if math.isnan(previous):  # no earlier value of this key: not judged
+                    continue
                 failing.append(Verdict(
                     key, value, "reconstruction stalled",
                     f"rMSE {value:.4g} above {self.rmse_max:g} and improved by {improvement:.3g} "

@@ -244,6 +244,7 @@ def test_rmse_rule_good_or_improving():
     assert not stalled.stable and _failures(stalled) == {"reconstruction stalled"}
     assert stalled.failing[0].key == "recon/rMSE_up"
     assert crit.check(GOOD, [GOOD]).stable  # below rmse_max: no improvement needed
+    assert crit.check(high, [{"alpha/median_support": 4.0}]).stable  # key absent before
     nan = crit.check({**GOOD, "recon/rMSE_gate": math.nan})
     assert _failures(nan) == {"non-finite reconstruction"}
 
