@@ -6,6 +6,10 @@ fastdiag report A.db [B.db ...] [--run A --run db:B] [--metric GLOB] [--exclude 
                 [--fail-on warning|critical] [--out report.html]   exit 1: a verdict at --fail-on
 fastdiag --version
 fastdiag demo [--quick] [--device cpu|cuda] [--break router] [--out runs/]
+                also writes <out>/checkpoints/baseline/ and <out>/checkpoints/set-routing/
+fastdiag validate MODEL_DIR [--ids FILE] [--seq-len N] [--window W] [--json out.json]
+                MODEL_DIR: a demo checkpoint (fastdiag_demo.json) or a save_pretrained directory;
+                exit 1: a failed check, 2: bad input
 """
 
 from __future__ import annotations
@@ -140,24 +144,35 @@ def _positive_int(text: str) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    """``fastdiag validate``: the attention validation report of a local Hugging Face model."""
+    """``fastdiag validate``: the attention validation report of a ``fastdiag demo`` checkpoint
+    directory (it holds ``fastdiag_demo.json``) or else of a local Hugging Face model."""
     import json
 
     import torch
-    import transformers
 
+    from fastdiag.demo.checkpoint import demo_loss, is_checkpoint, load_checkpoint, sample_ids
     from fastdiag.validation import validate_attention
 
     loss_fn = None
+    causal = None
+    demo_config = None
     try:
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, local_files_only=True)
-            loss_fn = lambda m, b: m(b, labels=b).loss  # noqa: E731  (the model's own LM loss)
-        except ValueError:  # not a causal LM: the base model, without a loss
-            model = transformers.AutoModel.from_pretrained(args.model_dir, local_files_only=True)
+        if is_checkpoint(args.model_dir):
+            model, demo_config = load_checkpoint(args.model_dir)
+            loss_fn = demo_loss  # the demo's LM loss on the ids
+            causal = bool(demo_config.get("causal", True))
+        else:
+            import transformers
+
+            try:
+                model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, local_files_only=True)
+                loss_fn = lambda m, b: m(b, labels=b).loss  # noqa: E731  (the model's own LM loss)
+            except ValueError:  # not a causal LM: the base model, without a loss
+                model = transformers.AutoModel.from_pretrained(args.model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
         print(f"fastdiag validate: cannot load a model from {args.model_dir}: {_one_line(exc)}", file=sys.stderr)
         return 2
+    context = demo_config["kwargs"].get("context") if demo_config is not None else None
     if args.ids:
         try:
             ids = [int(t) for t in Path(args.ids).read_text(encoding="utf-8").split()]
@@ -165,11 +180,30 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"fastdiag validate: --ids {args.ids}: {_one_line(exc)}", file=sys.stderr)
             return 2
         batch = torch.tensor([ids[: args.seq_len] if args.seq_len else ids], dtype=torch.long)
+    elif demo_config is not None:  # real text: the demo corpus's validation characters
+        try:
+            batch = sample_ids(demo_config, min(args.seq_len or 32, context or 32))
+        except ValueError as exc:
+            print(f"fastdiag validate: {_one_line(exc)}", file=sys.stderr)
+            return 2
     else:
         vocab = int(getattr(model.config, "vocab_size", 0) or 2)
         torch.manual_seed(0)
         batch = torch.randint(0, vocab, (1, args.seq_len or 32))
-    report = validate_attention(model, batch, loss_fn=loss_fn, local_window=args.window)
+    if demo_config is not None:
+        vocab = demo_config["kwargs"].get("vocab", 0)
+        if context is not None and batch.shape[1] > context:
+            print(f"fastdiag validate: {batch.shape[1]} ids exceed the demo model's context {context} "
+                  "(use --seq-len)", file=sys.stderr)  # fmt: skip
+            return 2
+        if batch.numel() and not 0 <= int(batch.min()) <= int(batch.max()) < vocab:
+            print(f"fastdiag validate: ids must be in [0, {vocab}) for this demo model", file=sys.stderr)
+            return 2
+    try:
+        report = validate_attention(model, batch, loss_fn=loss_fn, causal=causal, local_window=args.window)
+    except ValueError as exc:  # e.g. no attention layer (the set-routing model attends over sets)
+        print(f"fastdiag validate: {args.model_dir}: {_one_line(exc)}", file=sys.stderr)
+        return 2
     print(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -230,11 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a shorter run (CI)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--break", dest="brk", choices=("router",), help="freeze the router")
-    p.add_argument("--out", default="runs", help="directory for demo.db and demo_report.html")
+    p.add_argument(
+        "--out",
+        default="runs",
+        help="directory for demo.db, demo_report.html and checkpoints/<run>/ (fastdiag validate)",
+    )
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("validate", help="attention validation report of a local Hugging Face model (exit 1: a fail)")
-    p.add_argument("model_dir", help="a directory written by save_pretrained (read offline)")
+    p = sub.add_parser(
+        "validate",
+        help="attention validation report of a demo checkpoint or a local Hugging Face model (exit 1: a fail)",
+        description="Nine-section attention validation report. MODEL_DIR: a checkpoint written by "
+        "'fastdiag demo' (<out>/checkpoints/baseline, recognised by its fastdiag_demo.json; "
+        "default ids: demo corpus text; loss: the demo's LM loss) or a directory written by "
+        "save_pretrained (read offline). Exit status: 0, 1 when a check fails, 2 on bad input.",
+    )
+    p.add_argument("model_dir", help="a 'fastdiag demo' checkpoint directory or a save_pretrained directory")
     p.add_argument("--ids", help="file of whitespace-separated token ids (default: random ids)")
     p.add_argument("--seq-len", type=_positive_int, help="sequence length (default 32; truncates --ids)")
     p.add_argument("--window", type=int, default=5, help="local window |i - j| <= w (default 5)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import math
 import re
 import sqlite3
@@ -208,3 +209,47 @@ def test_demo_on_cuda(tmp_path):
     assert set(SET_DIAGNOSTICS) <= set(data[SET_RUN])
     assert set(BASELINE_DIAGNOSTICS) <= set(data[BASELINE_RUN])
     assert all(math.isfinite(v) for v in data[SET_RUN]["train/loss"].values.tolist())
+
+
+def test_quick_demo_saves_loadable_checkpoints(quick_demo):
+    from fastdiag.demo.checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_checkpoint, load_checkpoint
+
+    text, out = quick_demo
+    assert str(out / "checkpoints") in text
+    for run, cls in ((BASELINE_RUN, BaselineLM), (SET_RUN, SetRoutingLM)):
+        directory = out / "checkpoints" / run
+        assert (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()
+        assert is_checkpoint(directory)
+        state = torch.load(directory / WEIGHTS_FILE, weights_only=True)  # safe: tensors only
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+        model, config = load_checkpoint(directory)
+        assert type(model) is cls and not model.training
+        assert config["kwargs"]["context"] == QUICK.context and config["causal"] is True
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, state[key])
+
+
+def test_validate_runs_on_the_quick_demo_baseline_checkpoint(quick_demo, tmp_path, capsys):
+    _, out = quick_demo
+    report = tmp_path / "out.json"
+    code = main(["validate", str(out / "checkpoints" / BASELINE_RUN), "--json", str(report)])
+    assert code in (0, 1)
+    data = json.loads(report.read_text())
+    assert code == (1 if data["status"] == "fail" else 0)
+    assert len(data["sections"]) == 9
+    assert data["layers"] == ["blocks.0.attn", "blocks.1.attn"]
+    assert data["meta"]["causal"] is True
+    status = {s["key"]: [c["status"] for c in s["checks"]] for s in data["sections"]}
+    attention = ("sanity", "positional", "statistics", "heads", "queries", "diversity")
+    assert not all(st == "n/a" for key in attention for st in status[key])
+    assert status["sanity"] == ["pass", "pass"]  # rows sum to 1, causal
+    assert status["gradients"] == ["pass", "pass"]  # the demo's LM loss reaches the attention
+    # eager nn.MultiheadAttention: no SDPA call to replace, the ablation is skipped
+    assert status["ablation"] == ["n/a"]
+    assert "ATTENTION VALIDATION REPORT" in capsys.readouterr().out
+
+
+def test_validate_on_the_set_routing_checkpoint_names_the_missing_attention(quick_demo, capsys):
+    _, out = quick_demo
+    assert main(["validate", str(out / "checkpoints" / SET_RUN)]) == 2
+    assert "no attention layer found in SetRoutingLM" in capsys.readouterr().err

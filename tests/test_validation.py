@@ -215,3 +215,47 @@ def test_cli(tmp_path):
     assert code == (1 if data["status"] == "fail" else 0)
     assert [s["key"] for s in data["sections"]][-1] == "ablation"
     assert data["sections"][-1]["checks"][0]["values"]["loss_uniform"] is not None
+
+
+def _demo_checkpoint(path):
+    from fastdiag.demo import BaselineLM, save_checkpoint
+    from fastdiag.demo.train import CharData, load_corpus
+
+    chars = CharData(load_corpus(), torch.device("cpu")).chars
+    kwargs = {"vocab": len(chars), "dim": 16, "heads": 2, "layers": 1, "context": 24}
+    torch.manual_seed(0)
+    return save_checkpoint(BaselineLM(**kwargs), path, kwargs, chars)
+
+
+def test_cli_demo_checkpoint(tmp_path, capsys):
+    from fastdiag.cli import main
+
+    ckpt = _demo_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "r.json"
+    code = main(["validate", str(ckpt), "--seq-len", "20", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert code == (1 if data["status"] == "fail" else 0)
+    assert len(data["sections"]) == 9 and data["layers"] == ["blocks.0.attn"]
+    assert data["meta"]["causal"] is True
+    sanity = data["sections"][0]["checks"]
+    assert [c["status"] for c in sanity] == ["pass", "pass"]
+    assert sanity[0]["values"]["rows"] == 20 * 2  # 20 query rows x 2 heads
+    assert data["sections"][7]["checks"][1]["status"] == "pass"  # loss_fn: the demo's LM loss
+    (tmp_path / "ids.txt").write_text("1 2 3 999")
+    assert main(["validate", str(ckpt), "--ids", str(tmp_path / "ids.txt")]) == 2
+    assert "ids must be in [0," in capsys.readouterr().err
+    (tmp_path / "ids.txt").write_text(" ".join(["1"] * 30))
+    assert main(["validate", str(ckpt), "--ids", str(tmp_path / "ids.txt")]) == 2
+    assert "exceed the demo model's context 24" in capsys.readouterr().err
+
+
+def test_cli_demo_checkpoint_bad_files(tmp_path, capsys):
+    from fastdiag.cli import main
+
+    ckpt = _demo_checkpoint(tmp_path / "ckpt")
+    torch.save({"x": torch.nn.Linear(2, 2)}, ckpt / "model.pt")  # a pickled module: refused
+    assert main(["validate", str(ckpt)]) == 2
+    assert "cannot load the state dict" in capsys.readouterr().err
+    (ckpt / "fastdiag_demo.json").write_text("{not json")
+    assert main(["validate", str(ckpt)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err

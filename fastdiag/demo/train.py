@@ -5,7 +5,11 @@ Each model is one run of ``<out>/demo.db``: per step the loss and the total grad
 plus train / validation loss and the top-1 rules' chance companions
 (``baseline/attention_top1_mean_chance`` = H_N / N for the causal rows of N tokens,
 ``ausa/router_confidence_mean_chance`` = 1 / S for S sets; see ``fastdiag.schema``). At the end: the health verdicts of each run, the
-baseline-vs-set-routing comparison table, and ``<out>/demo_report.html``.
+baseline-vs-set-routing comparison table, ``<out>/demo_report.html``, and each trained model
+as a checkpoint directory, ``<out>/checkpoints/baseline/`` and ``<out>/checkpoints/set-routing/``
+(``fastdiag_demo.json``: model class and constructor arguments; ``model.pt``: the state dict,
+loadable with ``torch.load(weights_only=True)``; see ``fastdiag.demo.checkpoint``), which
+``fastdiag validate <out>/checkpoints/baseline`` reads.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdiag import backends
+from fastdiag.demo.checkpoint import save_checkpoint
 from fastdiag.demo.models import BaselineLM, SetRoutingLM
 from fastdiag.diagnostics import BaselineAttentionDiagnostics, SetDiagnostics
 from fastdiag.report import format_comparison, format_verdicts, write_html
@@ -58,10 +63,12 @@ QUICK = replace(FULL, epochs=3, steps_per_epoch=12, batch=8, context=48, val_bat
 
 @dataclass
 class DemoResult:
-    """Where the demo wrote, each run's last epoch stats, verdicts and history."""
+    """Where the demo wrote (database, report, one checkpoint directory per run), each run's
+    last epoch stats, verdicts and history."""
 
     db: Path
     report: Path
+    checkpoints: dict[str, Path] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     history: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     verdicts: dict[str, list[Verdict]] = field(default_factory=dict)
@@ -219,7 +226,8 @@ def run_demo(
     threads: int | None = 1,
 ) -> DemoResult:
     """Train both models, log to ``<out>/demo.db``, print the verdicts and the comparison
-    table to ``stream`` (stdout), write ``<out>/demo_report.html``; returns what it wrote.
+    table to ``stream`` (stdout), write ``<out>/demo_report.html`` and the checkpoints
+    ``<out>/checkpoints/<run>/`` (run: ``baseline``, ``set-routing``); returns what it wrote.
 
     ``config`` overrides the sizes chosen by ``quick`` (``QUICK`` or ``FULL``). ``threads``:
     torch intra-op threads while the demo runs on CPU (restored after; None keeps the
@@ -281,6 +289,18 @@ def _run_demo(
         result.history[BASELINE_RUN] = train_run(
             BASELINE_RUN, baseline, baseline_diag, observe_baseline, data, cfg, log, stream, chance
         )
+    result.checkpoints[BASELINE_RUN] = save_checkpoint(
+        baseline,
+        out / "checkpoints" / BASELINE_RUN,
+        {
+            "vocab": data.vocab,
+            "dim": cfg.dim,
+            "heads": cfg.heads,
+            "layers": cfg.layers,
+            "context": cfg.context,
+        },  # fmt: skip
+        data.chars,
+    )
 
     torch.manual_seed(cfg.seed)
     model = SetRoutingLM(data.vocab, cfg.dim, cfg.num_sets, cfg.top_k, cfg.layers, cfg.context)
@@ -309,6 +329,19 @@ def _run_demo(
         result.history[SET_RUN] = train_run(
             SET_RUN, model, set_diag, observe_set, data, cfg, log, stream, chance
         )
+    result.checkpoints[SET_RUN] = save_checkpoint(
+        model,
+        out / "checkpoints" / SET_RUN,
+        {
+            "vocab": data.vocab,
+            "dim": cfg.dim,
+            "num_sets": cfg.num_sets,
+            "top_k": cfg.top_k,
+            "layers": cfg.layers,
+            "context": cfg.context,
+        },  # fmt: skip
+        data.chars,
+    )
 
     for run, epochs in result.history.items():
         result.stats[run] = epochs[-1]
@@ -319,6 +352,8 @@ def _run_demo(
     stream.write(format_comparison(result.stats[BASELINE_RUN], result.stats[SET_RUN]) + "\n")
     write_html(db, result.report, title="fastdiag demo: baseline vs set routing")
     result.seconds = time.perf_counter() - started
-    stream.write(f"\nmetrics: {db}\nreport:  {result.report}\n({result.seconds:.1f}s)\n")
+    stream.write(f"\nmetrics: {db}\nreport:  {result.report}\n")
+    stream.write(f"checkpoints: {out / 'checkpoints'} (fastdiag validate "
+                 f"{result.checkpoints[BASELINE_RUN]})\n({result.seconds:.1f}s)\n")  # fmt: skip
     stream.flush()
     return result
