@@ -66,29 +66,6 @@ SCHEMA = (
 )
 
 
-def _fake(
-    x4: Tensor,
-    row_mask: Tensor | None,
-    from_logits: bool,
-    topk: int,
-    tau: float,
-    eps: float,
-    window: int,
-    query_offset: int,
-    query_len: int,
-    want_rows: bool,
-    want_heads: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    a, g, c, _ = x4.shape
-    r = a * c
-    return (
-        x4.new_empty(Slot.NUM, dtype=torch.float64),
-        x4.new_empty(g, HeadSlot.NUM, dtype=torch.float64),
-        x4.new_empty(r if want_rows else 0, RowSlot.NUM, dtype=torch.float32),
-        x4.new_empty(r, topk, dtype=torch.int64),
-    )
-
-
 def fake(
     x4: Tensor,
     row_mask: Tensor | None,
