@@ -40,37 +40,15 @@ import sys
 import warnings
 from typing import Any
 
-import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
-from fastdiag.diagnostics.params import GroupSpec, group_fn
+from fastdiag.diagnostics.params import GroupSpec
 from fastdiag.diagnostics.training import TrainingDiagnostics
+from fastdiag.integrations.callbacks import check_arguments, distributed, sampled_between
 from fastdiag.integrations.hooks import Watch, watch
 
 __all__ = ["FastdiagCallback"]
-
-
-def _validate(every: Any, prefix: Any, logger: Any, diagnostics: Any, group: Any) -> None:
-    """Argument checks of the callback (fastdiag.integrations.lightning has a copy)."""
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive int, got {every!r}")
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-    if logger is not None and not callable(getattr(logger, "log", None)):
-        raise TypeError(f"logger must be a fastdiag.MetricsLogger (with .log(metrics, step)), got {type(logger).__name__}")
-    if diagnostics is not None and not isinstance(diagnostics, TrainingDiagnostics):
-        raise TypeError(f"diagnostics must be a TrainingDiagnostics, got {type(diagnostics).__name__}")
-    group_fn(group, 0)
-
-
-def _sampled_between(start: int, stop: int, every: int) -> int:
-    """Number of sampled steps s (s % every == 0) in [start, stop)."""
-    return max(0, -(-stop // every) - -(-start // every))
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def _callers(*types: type) -> dict[type, Any]:
@@ -115,7 +93,7 @@ class FastdiagCallback(TrainerCallback):
         prefix: str = "fastdiag/",
         sync_dist: bool = True,
     ) -> None:
-        _validate(every, prefix, logger, diagnostics, group)
+        check_arguments(every, prefix, logger, diagnostics, group)
         if attention_names not in ("qualified", "index"):
             raise ValueError(f"attention_names must be 'qualified' or 'index', got {attention_names!r}")
         self.every = every
@@ -186,10 +164,10 @@ class FastdiagCallback(TrainerCallback):
         w = self.watch
         if w is None or not isinstance(logs, dict) or "loss" not in logs:
             return
-        if not _sampled_between(self._logged_step, w.step, self.every):
+        if not sampled_between(self._logged_step, w.step, self.every):
             return
         entry = self._history_entry(state, logs)
-        stats = w.get_epoch_stats(sync_dist=self.sync_dist and _distributed())
+        stats = w.get_epoch_stats(sync_dist=self.sync_dist and distributed())
         w.reset()
         self._logged_step = w.step
         self.last_stats = stats

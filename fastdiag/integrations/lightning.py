@@ -27,36 +27,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback
 
-from fastdiag.diagnostics.params import GroupSpec, group_fn
+from fastdiag.diagnostics.params import GroupSpec
 from fastdiag.diagnostics.training import TrainingDiagnostics
+from fastdiag.integrations.callbacks import check_arguments, distributed, sampled_between
 from fastdiag.integrations.hooks import Watch, watch
 
 __all__ = ["FastdiagCallback"]
-
-
-# the same checks and helpers as fastdiag.integrations.hf (not imported: that needs transformers)
-def _validate(every: Any, prefix: Any, logger: Any, diagnostics: Any, group: Any) -> None:
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive int, got {every!r}")
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-    if logger is not None and not callable(getattr(logger, "log", None)):
-        raise TypeError(f"logger must be a fastdiag.MetricsLogger (with .log(metrics, step)), got {type(logger).__name__}")
-    if diagnostics is not None and not isinstance(diagnostics, TrainingDiagnostics):
-        raise TypeError(f"diagnostics must be a TrainingDiagnostics, got {type(diagnostics).__name__}")
-    group_fn(group, 0)
-
-
-def _sampled_between(start: int, stop: int, every: int) -> int:
-    """Number of sampled steps s (s % every == 0) in [start, stop)."""
-    return max(0, -(-stop // every) - -(-start // every))
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 class FastdiagCallback(Callback):
@@ -88,7 +66,7 @@ class FastdiagCallback(Callback):
         prefix: str = "fastdiag/",
         sync_dist: bool = True,
     ) -> None:
-        _validate(every, prefix, logger, diagnostics, group)
+        check_arguments(every, prefix, logger, diagnostics, group)
         if attention_names not in ("qualified", "index"):
             raise ValueError(f"attention_names must be 'qualified' or 'index', got {attention_names!r}")
         if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
@@ -143,9 +121,9 @@ class FastdiagCallback(Callback):
         every_n = trainer.log_every_n_steps
         if not every_n or not (trainer.global_step % every_n == 0 or trainer.should_stop):
             return
-        if not _sampled_between(self._logged_step, w.step, self.every):
+        if not sampled_between(self._logged_step, w.step, self.every):
             return
-        stats = w.get_epoch_stats(sync_dist=self.sync_dist and _distributed())
+        stats = w.get_epoch_stats(sync_dist=self.sync_dist and distributed())
         w.reset()
         self._logged_step = w.step
         self.last_stats = stats
