@@ -35,6 +35,7 @@ from tests.training_helpers import (
     entr,
     hand_mha_weights,
     quiet,
+    scenario_nan_gradients,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,25 +370,8 @@ def test_no_attention_module_warns_and_still_watches_gradients():
 
 
 def test_nan_gradients_are_counted_per_parameter_without_crashing():
-    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
-    inject = [True]
-
-    def poison(grad):
-        if inject[0]:
-            grad = grad.clone()
-            grad[0, :3] = float("nan")
-            grad[0, 3] = float("inf")
-        return grad
-
-    model[1].weight.register_hook(poison)
-    with quiet():
-        handle = watch(model)
-    for _ in range(2):
-        model(torch.randn(5, 4)).sum().backward()
-        inject[0] = False
-        model.zero_grad()
-    stats = handle.get_epoch_stats()
-    handle.remove()
+    # 3 NaN + 1 inf injected into 1.weight's gradient at the first of two steps
+    stats = scenario_nan_gradients(watch, {})
     assert stats["health/nan_infs"] == pytest.approx(4 / 2)  # mean count per sampled step
     assert stats["health/nan_infs/1.weight"] == pytest.approx(4 / 2)
     assert "health/nan_infs/0.weight" not in stats
