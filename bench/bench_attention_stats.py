@@ -23,19 +23,16 @@ memory (``extra_info["peak_extra_bytes"]``): on CPU the rise of the process's pe
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
-import gc
 import math
-import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_dist_stats import paired_minima, synced
+from bench_dist_stats import peak_extra as measure_peak_extra
 
 from fastdiag.ops import attention_stats, dist_stats
 
@@ -83,60 +80,9 @@ def impl_fn(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Cal
     raise ValueError(impl)
 
 
-def synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
-    if device != "cuda":
-        return fn
-
-    def run() -> object:
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
-def _rss_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def peak_extra(fn: Callable[[], object], device: str) -> int | None:
     """Peak memory one call of ``fn`` adds, bytes (None when it cannot be measured)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        del out
-        return torch.cuda.max_memory_allocated() - before
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _rss_kib("VmRSS")
-        out = fn()
-        peak = (_rss_kib("VmHWM") - before) * 1024
-        del out
-        return peak
-    except OSError:
-        return None
-
-
-def paired_minima(fn, base, rounds: int) -> tuple[float, float]:
-    """Minimum times of ``fn`` and ``base`` measured alternately over the same rounds."""
-    best_fn = best_base = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        base()
-        t1 = time.perf_counter()
-        fn()
-        t2 = time.perf_counter()
-        best_base = min(best_base, t1 - t0)
-        best_fn = min(best_fn, t2 - t1)
-    return best_fn, best_base
+    return measure_peak_extra(fn, device)[0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
