@@ -121,7 +121,7 @@ def to_host(stats: Mapping[str, Any]) -> dict[str, float]:
     host: dict[str, float] = {}
     for keys in by_device.values():
         stacked = torch.stack([tensors[k].detach().reshape(()).to(torch.float64) for k in keys])
-        host.update(zip(keys, stacked.cpu().tolist(), strict=True))
+        host.update(zip(keys, stacked.cpu().tolist(), strict=True))  # host ok: the one copy per device
     for key, value in stats.items():
         out[key] = host[key] if key in host else float(value)
     return out

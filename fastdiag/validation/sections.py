@@ -127,7 +127,7 @@ def _heads(sums: dict[str, dict[str, Tensor]], layers: list[str], th: Any) -> Se
     heads = []
     for name in layers:
         t = sums[name]
-        std = (t["head_std"] / t["head_rows"]).tolist()
+        std = (t["head_std"] / t["head_rows"]).tolist()  # host ok: the report, not an update
         for h, v in enumerate(std):
             if math.isfinite(v):
                 cls = head_class(v, th)
