@@ -220,9 +220,7 @@ def _takes(backend: str, impl: Impl, device: str, dtype: torch.dtype) -> bool:
     return runs_on and (impl.dtypes is None or dtype in impl.dtypes)
 
 
-def _choose(
-    op: str, device: str, dtype: torch.dtype, requested: str, interpreting: bool, no_ext: bool
-) -> str:
+def _choose(op: str, device: str, dtype: torch.dtype, requested: str) -> str:
     impls = table(op)
     if requested == "auto":
         for backend, impl in impls.items():
@@ -247,11 +245,9 @@ def _constant_under_compile(fn: Callable) -> Callable:
     return fn
 
 
-@functools.cache
-def _resolve(
-    op: str, device: str, dtype: torch.dtype, requested: str, interpreting: bool, no_ext: bool
-) -> str:
-    name = _choose(op, device, dtype, requested, interpreting, no_ext)
+@functools.cache  # cleared with the environment snapshot (refresh, set_backend, register)
+def _resolve(op: str, device: str, dtype: torch.dtype, requested: str) -> str:
+    name = _choose(op, device, dtype, requested)
     # load once here, eagerly: a first load can register a custom op, which a trace cannot do
     table(op)[name].load()
     return name
@@ -263,9 +259,7 @@ def resolve(op: str, device: torch.device | str, dtype: torch.dtype) -> str:
 
     A host decision, constant for a traced graph (evaluated eagerly under torch.compile)."""
     device_type = torch.device(device).type
-    return _resolve(
-        op, device_type, dtype, get_backend(), triton_interpreting(), extension_disabled()
-    )
+    return _resolve(op, device_type, dtype, get_backend())
 
 
 def implementation(op: str, device: torch.device | str, dtype: torch.dtype) -> Callable:
